@@ -24,7 +24,11 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "safetensors",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff"]},
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff", "tokenizers"],
+        "hf": ["tokenizers"],
+    },
     entry_points={"console_scripts": ["ep-megatron=ep_megatron.cli:main"]},
 )

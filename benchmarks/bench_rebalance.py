@@ -1,0 +1,207 @@
+"""Static ``model`` placement vs ``dynamic`` placement with rebalancing, under skewed, drifting routing.
+
+Each run trains a stack of MoE layers (+ a linear head) on gloo CPU ranks with the same seed and data;
+tokens are pushed toward a few hot experts (along their router rows), and the hot set drifts. Measured:
+- max / mean tokens per rank of every MoE layer and step (tokens entering each rank's experts),
+- wall-clock step time (2 ranks, one core each),
+- expert critical path: the largest per-rank thread CPU time in expert forward + backward per step
+  (4 ranks; thread CPU time is not distorted by oversubscribing the cores),
+- per rebalance: planning + migration wall time and moved fraction.
+Prints a table, then one JSON line. ``python benchmarks/bench_rebalance.py`` runs everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import time
+import traceback
+from typing import Any
+
+NUM_EXPERTS, TOP_K, NUM_LAYERS = 8, 2, 2
+HIDDEN, FFN, TOKENS_PER_RANK = 128, 512, 1024
+INTERVAL, DRIFT_EVERY, PUSH = 10, 25, 4.0
+
+
+def _worker(rank: int, world_size: int, port: int, mode: str, num_steps: int, results: Any) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from ep_megatron.parallel import init_distributed
+
+        init_distributed(backend="gloo")
+        results.put((rank, "ok", _train(mode, num_steps)))
+        torch.distributed.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - report every failure to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+class _ExpertTimer:
+    """Thread CPU time and input rows of ``layer.experts`` forward and backward, via module hooks."""
+
+    def __init__(self, experts: Any) -> None:
+        self.cpu_s, self.tokens, self._t0 = 0.0, 0, 0.0
+        experts.register_forward_pre_hook(self._start_fwd)
+        experts.register_forward_hook(self._stop)
+        experts.register_full_backward_pre_hook(self._start)
+        experts.register_full_backward_hook(self._stop)
+
+    def _start_fwd(self, module: Any, args: tuple) -> None:
+        self.tokens += int(args[0].shape[0])
+        self._start()
+
+    def _start(self, *_: Any) -> None:
+        self._t0 = time.thread_time()
+
+    def _stop(self, *_: Any) -> None:
+        self.cpu_s += time.thread_time() - self._t0
+
+    def take(self) -> tuple[float, int]:
+        out = (self.cpu_s, self.tokens)
+        self.cpu_s, self.tokens = 0.0, 0
+        return out
+
+
+def _train(mode: str, num_steps: int) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    from ep_megatron.config import MoEConfig
+    from ep_megatron.grad_sync import ExpertGradSync
+    from ep_megatron.layer import MoELayer
+    from torch import nn
+
+    from ep_megatron.parallel import build_groups
+    from ep_megatron.placement import ExpertPlacement
+    from ep_megatron.rebalance import RebalanceConfig, Rebalancer
+
+    world_size = dist.get_world_size()
+    groups = build_groups(world_size)
+    num_redundant = world_size if mode == "dynamic" else 0
+    placement = ExpertPlacement.build("dynamic" if mode == "dynamic" else "model", NUM_LAYERS, NUM_EXPERTS,
+                                      world_size, num_redundant=num_redundant)
+    config = MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=NUM_EXPERTS, top_k=TOP_K)
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.layers = nn.ModuleList(MoELayer(config, placement, groups, i) for i in range(NUM_LAYERS))
+    model.head = nn.Linear(HIDDEN, 1)
+    timers = [_ExpertTimer(layer.experts) for layer in model.layers]
+    with torch.no_grad():
+        push = model.layers[0].router.weight.detach().clone()
+        push /= push.norm(dim=1, keepdim=True)  # [E, hidden]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sync = ExpertGradSync(model, groups)
+    rebalancer = None
+    if mode == "dynamic":
+        rebalancer = Rebalancer(list(model.layers), optimizer, groups,
+                                RebalanceConfig(interval=INTERVAL, window=INTERVAL,
+                                                num_redundant_experts=num_redundant))
+    expert_ids = {id(p) for layer in model.layers for p in layer.experts.parameters()}
+    steps = []
+    for step in range(num_steps):
+        gen = torch.Generator().manual_seed(step * world_size + groups.rank)
+        hot = [(step // DRIFT_EVERY + k) % NUM_EXPERTS for k in range(2)]
+        x = torch.randn(TOKENS_PER_RANK, HIDDEN, generator=gen)
+        x[: TOKENS_PER_RANK * 3 // 4] += PUSH * push[hot].repeat(TOKENS_PER_RANK * 3 // 8, 1)
+        dist.barrier()
+        start = time.perf_counter()
+        hidden = x
+        for layer in model.layers:
+            hidden = hidden + layer(hidden)[0]
+        loss = model.head(hidden).pow(2).mean()
+        loss.backward()
+        sync.sync_grads()
+        for p in model.parameters():
+            if id(p) not in expert_ids and p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world_size
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+        step_s = time.perf_counter() - start
+        metrics = rebalancer.step() if rebalancer is not None else None
+        cpu, tokens = zip(*(t.take() for t in timers))
+        steps.append({"step_ms": step_s * 1e3, "expert_cpu_ms": sum(cpu) * 1e3, "tokens": list(tokens),
+                      "rebalance": None if metrics is None else {
+                          "ms": metrics.plan_ms + metrics.migrate_ms,
+                          "moved_fraction": metrics.moved_fraction, "slots_moved": metrics.slots_moved}})
+    return {"steps": steps}
+
+
+def launch(mode: str, world_size: int, num_steps: int, timeout_s: float = 240.0) -> list[dict[str, Any]]:
+    """Run ``_train(mode)`` on ``world_size`` gloo ranks; per-rank results in rank order."""
+    ctx = mp.get_context("forkserver")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, mode, num_steps, results), daemon=True)
+             for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    out: dict[int, Any] = {}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(out) < world_size:
+            rank, status, payload = results.get(timeout=max(1.0, deadline - time.monotonic()))
+            if status != "ok":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            out[rank] = payload
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+    return [out[r] for r in range(world_size)]
+
+
+def summarize(per_rank: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over the steps after the first rebalance (step > INTERVAL) of both modes alike."""
+    num_steps = len(per_rank[0]["steps"])
+    after = range(INTERVAL, num_steps)
+    worst, step_ms, critical = [], [], []
+    for s in after:
+        tokens = [[r["steps"][s]["tokens"][layer] for r in per_rank] for layer in range(NUM_LAYERS)]
+        worst.append(max(max(t) / max(statistics.mean(t), 1e-9) for t in tokens))
+        step_ms.append(max(r["steps"][s]["step_ms"] for r in per_rank))
+        critical.append(max(r["steps"][s]["expert_cpu_ms"] for r in per_rank))
+    rebalances = [r for r in (st["rebalance"] for st in per_rank[0]["steps"]) if r is not None]
+    return {"max_over_mean": max(worst), "median_max_over_mean": statistics.median(worst),
+            "step_ms": statistics.median(step_ms), "critical_ms": statistics.median(critical),
+            "rebalance_ms": statistics.median([r["ms"] for r in rebalances] or [0.0]),
+            "moved_fraction": statistics.mean([r["moved_fraction"] for r in rebalances] or [0.0])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run")
+    args = parser.parse_args()
+    rows = {}
+    for world_size in (2, 4):
+        for mode in ("static", "dynamic"):
+            rows[(world_size, mode)] = summarize(launch(mode, world_size, args.steps))
+    print(f"{'ranks':>5} {'mode':>8} {'worst max/mean':>15} {'median max/mean':>16} {'step ms':>9} "
+          f"{'expert crit ms':>15} {'rebalance ms':>13} {'moved':>6}")
+    for (world_size, mode), r in rows.items():
+        print(f"{world_size:>5} {mode:>8} {r['max_over_mean']:>15.3f} {r['median_max_over_mean']:>16.3f} "
+              f"{r['step_ms']:>9.1f} {r['critical_ms']:>15.1f} {r['rebalance_ms']:>13.1f} "
+              f"{r['moved_fraction']:>6.3f}")
+    s2, d2, s4, d4 = rows[(2, "static")], rows[(2, "dynamic")], rows[(4, "static")], rows[(4, "dynamic")]
+    print(json.dumps({
+        "static_max_over_mean": s4["max_over_mean"], "dynamic_max_over_mean": d4["max_over_mean"],
+        "static_step_ms": s2["step_ms"], "dynamic_step_ms": d2["step_ms"],
+        "static_critical_ms": s4["critical_ms"], "dynamic_critical_ms": d4["critical_ms"],
+        "rebalance_ms": statistics.median([d2["rebalance_ms"], d4["rebalance_ms"]]),
+        "moved_fraction": d4["moved_fraction"],
+        "speedup_2_ranks": s2["step_ms"] / d2["step_ms"],
+        "critical_speedup_4_ranks": s4["critical_ms"] / d4["critical_ms"],
+    }))
+
+
+if __name__ == "__main__":
+    main()

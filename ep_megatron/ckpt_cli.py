@@ -1,0 +1,147 @@
+"""``ep-megatron ckpt``: inspect and convert layout-free checkpoints (single process, no GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ep_megatron import checkpoint as ckpt
+from ep_megatron.placement import ExpertPlacement
+
+CONVERT_TARGETS = ("deepspeed", "safetensors", "torch", "ep-megatron")
+
+
+def add_ckpt_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``ckpt inspect`` and ``ckpt convert`` on the top-level ``ep-megatron`` parser."""
+    parser = subparsers.add_parser("ckpt", help="inspect and convert checkpoints")
+    parser.set_defaults(run=lambda args: _help(parser))
+    commands = parser.add_subparsers(dest="ckpt_command", metavar="ACTION")
+
+    inspect = commands.add_parser("inspect", help="config, step, placement and per-layer load balance")
+    inspect.add_argument("path", help="a checkpoint directory, or a root whose 'latest' names one")
+    inspect.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    inspect.add_argument("--no-verify", action="store_true", help="skip the file checksum verification")
+    inspect.set_defaults(run=run_inspect)
+
+    convert = commands.add_parser(
+        "convert",
+        help="to DeepSpeed MoE expert files or a consolidated safetensors / torch file; from DeepSpeed",
+    )
+    convert.add_argument("src", help="our checkpoint (or root); a DeepSpeed dir for --to ep-megatron")
+    convert.add_argument("dst", help="output directory (deepspeed, ep-megatron) or file (safetensors, torch)")
+    convert.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="output format")
+    convert.add_argument("--tag", default=None, help="DeepSpeed tag (default: global_step{N} / 'latest')")
+    convert.add_argument("--config", default=None,
+                         help="JSON file with the MoE config fields to record (--to ep-megatron)")
+    convert.set_defaults(run=run_convert)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
+# ---- inspect ---------------------------------------------------------------------------------------
+def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Summary of a checkpoint: step, layout, config, placement, per-layer load balance, integrity."""
+    path = ckpt.resolve_checkpoint(path)
+    manifest = ckpt.read_manifest(path)
+    placement = ExpertPlacement.from_dict(manifest["placement"])
+    replicas = placement.replica_count  # [L, E]
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "step": manifest["step"],
+        "world_size": manifest["world_size"],
+        "ep_size": manifest["ep_size"],
+        "config": manifest["config"],
+        "placement": {
+            "strategy": placement.strategy,
+            "num_ranks": placement.num_ranks,
+            "num_slots": placement.num_slots,
+            "slots_per_rank": placement.slots_per_rank,
+            "num_logical_experts": placement.num_logical_experts,
+            "max_replicas_per_layer": replicas.max(1).values.tolist(),
+            "replicated_experts_per_layer": (replicas > 1).sum(1).tolist(),
+        },
+        "moe_layers": [entry["prefix"] for entry in manifest["moe_layers"]],
+        "has_optimizer": manifest["optimizer"] is not None,
+        "num_tensors": len(manifest["tensors"]),
+        "bytes": sum(entry["bytes"] for entry in manifest["files"].values()),
+    }
+    loads = window_loads(path, manifest, placement)
+    if loads is not None:
+        balance = ckpt.rank_balance(placement, loads)
+        summary["balance_per_layer"] = [round(b, 4) for b in balance.tolist()]
+        summary["balance_worst_layer"] = round(float(balance.min()), 4)
+        summary["tokens_per_layer"] = loads.sum(1).tolist()
+    if verify:
+        summary["problems"] = ckpt.verify_files(path, manifest)
+    return summary
+
+
+def window_loads(path: Path, manifest: dict[str, Any], placement: ExpertPlacement) -> torch.Tensor | None:
+    """``[L, E]`` global loads of the rebalancer's saved window (summed over it), or None without one."""
+    if not manifest["rebalancer"] or "load_window" not in manifest["rebalancer"]:
+        return None
+    window = ckpt.read_tensor_file(path / "state.pt")[manifest["rebalancer"]["load_window"]["__tensor__"]]
+    return window.reshape(-1, placement.num_layers, placement.num_logical_experts).sum(0)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    summary = summarize(args.path, verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary))
+    return 1 if summary.get("problems") else 0
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    placement = summary["placement"]
+    lines = [
+        f"checkpoint   {summary['path']}",
+        f"step         {summary['step']}",
+        f"saved on     {summary['world_size']} ranks, ep_size {summary['ep_size']}",
+        f"size         {summary['bytes'] / 2**20:.1f} MiB in {summary['num_tensors']} tensors"
+        f"{' (with optimizer state)' if summary['has_optimizer'] else ''}",
+        "config       " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())),
+        f"placement    {placement['strategy']}: {placement['num_logical_experts']} logical experts on "
+        f"{placement['num_slots']} slots ({placement['slots_per_rank']} per rank x {placement['num_ranks']})",
+    ]
+    balance = summary.get("balance_per_layer")
+    for i, prefix in enumerate(summary["moe_layers"]):
+        text = f"  layer {i:3d} {prefix}: replicated experts {placement['replicated_experts_per_layer'][i]}"
+        if balance is not None:
+            text += f", balance {balance[i]:.3f} over {summary['tokens_per_layer'][i]} token-expert pairs"
+        lines.append(text)
+    if balance is not None:
+        lines.append(f"worst layer balance {summary['balance_worst_layer']:.3f} (mean / max tokens per rank)")
+    problems = summary.get("problems")
+    if problems is not None:
+        status = "OK" if not problems else "FAILED:\n  " + "\n  ".join(problems)
+        lines.append(f"integrity    {status}")
+    return "\n".join(lines)
+
+
+# ---- convert ---------------------------------------------------------------------------------------
+def run_convert(args: argparse.Namespace) -> int:
+    if args.to == "deepspeed":
+        out = ckpt.export_deepspeed(args.src, args.dst, tag=args.tag)
+    elif args.to in ("safetensors", "torch"):
+        suffix = ".safetensors" if args.to == "safetensors" else ".pt"
+        dst = Path(args.dst)
+        if dst.suffix != suffix:
+            raise ValueError(f"--to {args.to} writes a '{suffix}' file, got dst={args.dst}")
+        out = ckpt.export_consolidated(args.src, dst)
+    else:
+        if args.config is None:
+            raise ValueError("--to ep-megatron needs --config CONFIG.json (the model's MoE config fields)")
+        config = json.loads(Path(args.config).read_text())
+        tensors, prefixes, step = ckpt.import_deepspeed(args.src, tag=args.tag)
+        out = ckpt.save_tensors_checkpoint(args.dst, step, tensors, config=config, moe_prefixes=prefixes)
+    print(out)
+    return 0

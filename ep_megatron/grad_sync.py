@@ -1,0 +1,381 @@
+"""Replica gradient sync: every physical slot gets the full gradient of its logical expert.
+
+After ``backward`` a replica's gradient holds only the tokens it served. The true gradient of logical
+expert ``e`` is the sum over all its replicas (on every EP rank) and all expert-data-parallel (EDP)
+ranks, times ``grad_scale``. With the fixed EP and EDP groups of :class:`ParallelGroups`:
+
+1. each rank sums its local replicas of ``e`` (ascending local slot) into one partial row;
+2. non-owner ranks send their partial rows to the owner's rank (one ``all_to_all_single`` over EP);
+3. the owner sums the partials by source EP rank, ascending (its own at its rank position);
+4. the owners' sums are all-reduced over EDP and scaled by ``grad_scale``;
+5. owners send the result back to every rank holding a replica (a second ``all_to_all_single``),
+   and every local slot of ``e`` is overwritten with the same bytes.
+
+A *row* of ``e`` is the concatenation of all expert parameters' ``[local_slot]`` slices. Splits follow
+from the placement alone (no counts are exchanged); all layers share one pair of ``all_to_all_single``
+and one EDP all-reduce per call, and a phase in which no rank sends anything is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ep_megatron.parallel import ParallelGroups
+from ep_megatron.placement import ExpertPlacement
+
+
+@dataclass(frozen=True)
+class LayerGrads:
+    """The expert gradients of one MoE layer on this rank, synced in place."""
+
+    grads: Sequence[Tensor]  # each [local_slots, ...]; one dtype and device for all layers
+    placement: ExpertPlacement  # the layer's current placement (num_ranks == ep_size)
+    layer_idx: int  # row of ``placement`` this layer uses
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """Bytes this rank sent in one sync call."""
+
+    bytes_sent: int  # ep_bytes + edp_bytes
+    layer_bytes: tuple[int, ...]  # bytes_sent split by layer, in the order the layers were given
+    ep_bytes: int  # both all_to_all_single phases over the EP group
+    edp_bytes: int  # ring all-reduce estimate over EDP: 2 (n - 1) / n * bytes of the owned rows
+
+
+@dataclass(frozen=True)
+class _LayerPlan:
+    """Index maps of one layer on one EP rank, derived from the placement alone.
+
+    Positions index this rank's *held* logical experts (ascending ids, ``H`` of them) or its *owned*
+    ones (ascending ids, ``O`` of them). ``traffic`` is on CPU, the index tensors on the grads' device.
+    """
+
+    slot_held_pos: Tensor  # [S] held position of each local slot's logical expert
+    copies: tuple[tuple[Tensor, Tensor], ...]  # k-th local replicas: (local slots, held positions)
+    own_pos: Tensor  # [O] held positions of the owned experts
+    send_pos: tuple[Tensor, ...]  # per EP rank q: held positions sent to owner q (received back later)
+    recv_pos: tuple[Tensor, ...]  # per EP rank q: owned positions received from q (sent back later)
+    num_held: int  # H
+    traffic: Tensor  # [ep, ep] rows sent in phase 1 from src to dst; phase 2 is the transpose
+
+
+def _layer_plan(placement: ExpertPlacement, layer_idx: int, ep_rank: int, device: torch.device) -> _LayerPlan:
+    num_ranks, slots_per_rank = placement.num_ranks, placement.slots_per_rank
+    num_experts = placement.num_logical_experts
+    rank_ids = placement.physical_to_logical[layer_idx].view(num_ranks, slots_per_rank)  # [ep, S]
+    held = torch.zeros(num_ranks, num_experts, dtype=torch.bool).scatter_(1, rank_ids, True)  # [ep, E]
+    owner_rank = placement.owner_slot[layer_idx] // slots_per_rank  # [E]
+    owns = owner_rank.unsqueeze(0) == torch.arange(num_ranks).unsqueeze(1)  # [ep, E]
+    sends = held.unsqueeze(1) & owns.unsqueeze(0)  # [src, dst, E]
+    sends &= ~torch.eye(num_ranks, dtype=torch.bool).unsqueeze(-1)
+
+    held_ids = held[ep_rank].nonzero().flatten()  # [H]
+    owned_ids = owns[ep_rank].nonzero().flatten()  # [O]
+    held_pos = torch.full((num_experts,), -1, dtype=torch.int64)
+    held_pos[held_ids] = torch.arange(len(held_ids))
+    owned_pos = torch.full((num_experts,), -1, dtype=torch.int64)
+    owned_pos[owned_ids] = torch.arange(len(owned_ids))
+
+    local_ids = rank_ids[ep_rank]  # [S]
+    slot_held_pos = held_pos[local_ids]
+    # copy_index[s]: how many earlier local slots hold the same logical expert.
+    copy_index = torch.tril(local_ids.unsqueeze(0) == local_ids.unsqueeze(1), -1).sum(1)
+    copies = []
+    for k in range(int(copy_index.max()) + 1):
+        slots = (copy_index == k).nonzero().flatten()
+        copies.append((slots.to(device), slot_held_pos[slots].to(device)))
+    return _LayerPlan(
+        slot_held_pos=slot_held_pos.to(device),
+        copies=tuple(copies),
+        own_pos=held_pos[owned_ids].to(device),
+        send_pos=tuple(held_pos[sends[ep_rank, q].nonzero().flatten()].to(device) for q in range(num_ranks)),
+        recv_pos=tuple(owned_pos[sends[q, ep_rank].nonzero().flatten()].to(device) for q in range(num_ranks)),
+        num_held=len(held_ids),
+        traffic=sends.sum(-1),
+    )
+
+
+def _check_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_scale: float) -> None:
+    """Raise ``ValueError`` naming the field before any collective runs."""
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"grad_scale={grad_scale} must be finite")
+    kinds = set()
+    for i, item in enumerate(layers):
+        placement = item.placement
+        if placement.num_ranks != groups.ep_size:
+            raise ValueError(
+                f"layer {i}: placement.num_ranks={placement.num_ranks} must equal "
+                f"groups.ep_size={groups.ep_size}"
+            )
+        if not 0 <= item.layer_idx < placement.num_layers:
+            raise ValueError(f"layer {i}: layer_idx={item.layer_idx} must be in [0, {placement.num_layers})")
+        if len(item.grads) == 0:
+            raise ValueError(f"layer {i}: grads must hold at least one tensor [local_slots, ...]")
+        for k, grad in enumerate(item.grads):
+            if grad.dim() < 1 or grad.shape[0] != placement.slots_per_rank:
+                raise ValueError(
+                    f"layer {i}: grads[{k}] has shape {tuple(grad.shape)}, expected "
+                    f"[local_slots={placement.slots_per_rank}, ...]"
+                )
+            if not grad.dtype.is_floating_point:
+                raise ValueError(f"layer {i}: grads[{k}] has dtype {grad.dtype}, expected a floating dtype")
+            kinds.add((grad.dtype, grad.device))
+    if len(kinds) > 1:
+        raise ValueError(f"all expert grads must share one (dtype, device), found {sorted(map(str, kinds))}")
+
+
+def _all_to_all(
+    pieces: list[list[Tensor]], recv_numels: list[list[int]], groups: ParallelGroups, like: Tensor
+) -> list[list[Tensor]]:
+    """Send ``pieces[dst][layer]`` (flat) over the EP group; return ``received[src][layer]`` (flat)."""
+    send = torch.cat([piece for per_rank in pieces for piece in per_rank])
+    recv = like.new_empty(sum(map(sum, recv_numels)))
+    dist.all_to_all_single(
+        recv,
+        send,
+        output_split_sizes=[sum(numels) for numels in recv_numels],
+        input_split_sizes=[sum(piece.numel() for piece in per_rank) for per_rank in pieces],
+        group=groups.ep_group,
+    )
+    flat = recv.split([n for numels in recv_numels for n in numels])
+    num_layers = len(recv_numels[0])
+    return [list(flat[q * num_layers : (q + 1) * num_layers]) for q in range(len(recv_numels))]
+
+
+def _pack_rows(grads: Sequence[Tensor]) -> Tensor:
+    """``[local_slots, ...]`` tensors -> ``[local_slots, row]`` rows (row = all parameters' slices)."""
+    return torch.cat([grad.reshape(grad.shape[0], -1) for grad in grads], dim=1)
+
+
+def _unpack_rows(rows: Tensor, grads: Sequence[Tensor]) -> None:
+    """Write ``rows [local_slots, row]`` back into the ``[local_slots, ...]`` tensors."""
+    widths = [grad[0].numel() for grad in grads]
+    for grad, part in zip(grads, rows.split(widths, dim=1)):
+        grad.copy_(part.reshape(grad.shape))
+
+
+def _local_partials(rows: Tensor, plan: _LayerPlan) -> Tensor:
+    """``[S, row] -> [H, row]``: sum of this rank's replicas of each held expert, ascending slot."""
+    partial = rows.new_zeros(plan.num_held, rows.shape[1])
+    for slots, held_pos in plan.copies:
+        partial.index_add_(0, held_pos, rows[slots])
+    return partial
+
+
+def _ring_bytes(numel: int, element_size: int, size: int) -> int:
+    return round(2 * (size - 1) / size * numel * element_size) if size > 1 else 0
+
+
+@torch.no_grad()
+def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: ParallelGroups,
+          grad_scale: float) -> SyncStats:
+    if not layers:
+        return SyncStats(bytes_sent=0, layer_bytes=(), ep_bytes=0, edp_bytes=0)
+    ep_rank, ep_size = groups.ep_rank, groups.ep_size
+    rows = [_pack_rows(item.grads) for item in layers]  # [S, row_l]
+    widths = [r.shape[1] for r in rows]
+    partials = [_local_partials(r, plan) for r, plan in zip(rows, plans)]  # [H_l, row_l]
+    exchange = any(int(plan.traffic.sum()) > 0 for plan in plans)  # same answer on every rank
+
+    # Phase 1: non-owners send their partial rows to the owner's rank.
+    received: list[list[Tensor]] = [[rows[0].new_empty(0)] * len(layers) for _ in range(ep_size)]
+    if exchange:
+        pieces = [[p[plan.send_pos[q]].flatten() for p, plan in zip(partials, plans)] for q in range(ep_size)]
+        recv_numels = [[len(plan.recv_pos[q]) * w for plan, w in zip(plans, widths)] for q in range(ep_size)]
+        received = _all_to_all(pieces, recv_numels, groups, rows[0])
+
+    # Owner sums in fixed source-rank order; then EDP sum and scale.
+    owned = []
+    for i, (partial, plan, width) in enumerate(zip(partials, plans, widths)):
+        total = partial.new_zeros(len(plan.own_pos), width)  # [O, row]
+        for q in range(ep_size):
+            if q == ep_rank:
+                total += partial[plan.own_pos]
+            elif len(plan.recv_pos[q]):
+                total.index_add_(0, plan.recv_pos[q], received[q][i].view(-1, width))
+        owned.append(total)
+    flat_owned = torch.cat([t.flatten() for t in owned])
+    if groups.edp_size > 1:
+        dist.all_reduce(flat_owned, group=groups.edp_group)
+    flat_owned.mul_(grad_scale)
+    owned = [t.view(-1, w) for t, w in zip(flat_owned.split([t.numel() for t in owned]), widths)]
+
+    # Phase 2: owners send the result to every other rank holding a replica.
+    if exchange:
+        pieces = [[t[plan.recv_pos[q]].flatten() for t, plan in zip(owned, plans)] for q in range(ep_size)]
+        recv_numels = [[len(plan.send_pos[q]) * w for plan, w in zip(plans, widths)] for q in range(ep_size)]
+        received = _all_to_all(pieces, recv_numels, groups, rows[0])
+    for i, (item, plan, width) in enumerate(zip(layers, plans, widths)):
+        final = owned[i].new_empty(plan.num_held, width)  # [H, row]
+        final[plan.own_pos] = owned[i]
+        for q in range(ep_size):
+            if q != ep_rank and len(plan.send_pos[q]):
+                final[plan.send_pos[q]] = received[q][i].view(-1, width)
+        _unpack_rows(final[plan.slot_held_pos], item.grads)
+
+    element_size = rows[0].element_size()
+    layer_ep = [
+        int(plan.traffic[ep_rank].sum() + plan.traffic[:, ep_rank].sum()) * w * element_size
+        for plan, w in zip(plans, widths)
+    ]
+    layer_edp = [_ring_bytes(t.numel(), element_size, groups.edp_size) for t in owned]
+    return SyncStats(
+        bytes_sent=sum(layer_ep) + sum(layer_edp),
+        layer_bytes=tuple(a + b for a, b in zip(layer_ep, layer_edp)),
+        ep_bytes=sum(layer_ep),
+        edp_bytes=sum(layer_edp),
+    )
+
+
+def sync_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_scale: float) -> SyncStats:
+    """Sync the expert gradients of several layers in place with one pair of EP collectives.
+
+    Every rank must call this with the same placements and layer order.
+    """
+    _check_layers(layers, groups, grad_scale)
+    plans = [
+        _layer_plan(item.placement, item.layer_idx, groups.ep_rank, item.grads[0].device) for item in layers
+    ]
+    return _sync(layers, plans, groups, grad_scale)
+
+
+def sync_replica_grads(
+    grads: Sequence[Tensor], placement: ExpertPlacement, layer_idx: int, groups: ParallelGroups,
+    grad_scale: float,
+) -> int:
+    """Sync one layer's expert grads (each ``[local_slots, ...]``) in place; return bytes this rank sent."""
+    return sync_layers([LayerGrads(grads, placement, layer_idx)], groups, grad_scale).bytes_sent
+
+
+# ---- MoE layers (the MoELayer contract: .placement, .layer_idx, .experts) --------------------------------
+def moe_layers(model_or_layers: nn.Module | Iterable[Any]) -> list[Any]:
+    """The MoE layers of a model (submodules with ``placement``, ``layer_idx`` and ``experts``), or a list."""
+    if isinstance(model_or_layers, nn.Module):
+        return [
+            m for m in model_or_layers.modules()
+            if all(hasattr(m, attr) for attr in ("placement", "layer_idx", "experts"))
+        ]
+    return list(model_or_layers)
+
+
+def expert_params(layer: Any) -> list[nn.Parameter]:
+    """Trainable parameters of ``layer.experts``; each must be ``[local_slots, ...]``."""
+    slots_per_rank = layer.placement.slots_per_rank
+    params = []
+    for name, param in layer.experts.named_parameters():
+        if param.dim() < 1 or param.shape[0] != slots_per_rank:
+            raise ValueError(
+                f"layer {layer.layer_idx}: experts.{name} has shape {tuple(param.shape)}, expected "
+                f"[local_slots={slots_per_rank}, ...]"
+            )
+        if param.requires_grad:
+            params.append(param)
+    return params
+
+
+def _expert_grads(layer: Any) -> list[Tensor]:
+    """Gradients of the layer's expert parameters; a missing grad (no tokens) becomes zeros."""
+    grads = []
+    for param in expert_params(layer):
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads.append(param.grad)
+    return grads
+
+
+class ExpertGradSync:
+    """Make every replica's expert gradient the replica + EDP sum times ``grad_scale``, in place.
+
+    ``layers`` is a model (its MoE layers are found by duck typing) or a sequence of MoE layers.
+    Placements are read at every call, so a rebalance that switches ``layer.placement`` needs nothing
+    else; no process group is created. ``grad_scale`` defaults to ``1 / groups.world_size`` (a loss
+    averaged over data-parallel ranks).
+    """
+
+    def __init__(self, layers: nn.Module | Iterable[Any], groups: ParallelGroups,
+                 grad_scale: float | None = None) -> None:
+        self.layers = moe_layers(layers)
+        self.groups = groups
+        self.grad_scale = 1.0 / groups.world_size if grad_scale is None else float(grad_scale)
+        if not math.isfinite(self.grad_scale):
+            raise ValueError(f"grad_scale={grad_scale} must be finite")
+        self._plans: dict[int, tuple[ExpertPlacement, _LayerPlan]] = {}  # layer index -> (placement, plan)
+
+    def _plan(self, i: int, item: LayerGrads) -> _LayerPlan:
+        cached = self._plans.get(i)
+        if cached is None or cached[0] is not item.placement:
+            plan = _layer_plan(item.placement, item.layer_idx, self.groups.ep_rank, item.grads[0].device)
+            cached = self._plans[i] = (item.placement, plan)
+        return cached[1]
+
+    def sync_grads(self) -> SyncStats:
+        """Sync all expert grads in place; every rank must call this after the same backward."""
+        items = [LayerGrads(_expert_grads(layer), layer.placement, layer.layer_idx) for layer in self.layers]
+        _check_layers(items, self.groups, self.grad_scale)
+        plans = [self._plan(i, item) for i, item in enumerate(items)]
+        return _sync(items, plans, self.groups, self.grad_scale)
+
+    __call__ = sync_grads
+
+
+# ---- true gradient norm ------------------------------------------------------------------------------
+@torch.no_grad()
+def expert_grad_norm_sq(layers: nn.Module | Iterable[Any], groups: ParallelGroups) -> Tensor:
+    """Squared L2 norm (fp32 scalar) of the expert grads, each logical expert counted once.
+
+    Call after the sync: only owner slots count, summed over the EP group; EDP ranks hold identical
+    grads and are not summed again. Does not depend on how many replicas an expert has.
+    """
+    layers = moe_layers(layers)
+    params = [expert_params(layer) for layer in layers]
+    device = next((p.device for ps in params for p in ps), torch.device("cpu"))
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for layer, layer_params in zip(layers, params):
+        if layer.placement.num_ranks != groups.ep_size:
+            raise ValueError(
+                f"layer {layer.layer_idx}: placement.num_ranks={layer.placement.num_ranks} must equal "
+                f"groups.ep_size={groups.ep_size}"
+            )
+        owner = layer.placement.is_owner(groups.ep_rank)[layer.layer_idx].to(device)  # [S] bool
+        for param in layer_params:
+            if param.grad is not None:
+                total += param.grad[owner].float().pow(2).sum()
+    if groups.ep_size > 1:
+        dist.all_reduce(total, group=groups.ep_group)
+    return total
+
+
+@torch.no_grad()
+def clip_grad_norm_(dense_params: Iterable[Tensor], layers: nn.Module | Iterable[Any], groups: ParallelGroups,
+                    max_norm: float, eps: float = 1e-6) -> Tensor:
+    """Clip dense and expert grads in place by the true global norm; return that norm (fp32 scalar).
+
+    ``dense_params`` must already be data-parallel averaged (identical on all ranks: counted once);
+    expert grads must be synced (each logical expert counted once). Same on every rank, so replicas
+    stay identical. The coefficient is ``min(1, max_norm / (norm + eps))``, as in torch.
+    """
+    if not (math.isfinite(max_norm) and max_norm > 0):
+        raise ValueError(f"max_norm={max_norm} must be finite and > 0")
+    layers = moe_layers(layers)
+    experts = [p for layer in layers for p in expert_params(layer)]
+    expert_ids = {id(p) for p in experts}
+    dense_params = list(dense_params)
+    if any(id(p) in expert_ids for p in dense_params):
+        raise ValueError("dense_params must not contain expert parameters (they are counted via layers)")
+    dense = [p for p in dense_params if p.grad is not None]
+    total_sq = expert_grad_norm_sq(layers, groups)
+    for param in dense:
+        total_sq += param.grad.float().pow(2).sum().to(total_sq.device)
+    total = total_sq.sqrt()
+    coef = (max_norm / (total + eps)).clamp(max=1.0)
+    for param in dense + [p for p in experts if p.grad is not None]:
+        param.grad.mul_(coef.to(param.grad.device, param.grad.dtype))
+    return total

@@ -1,0 +1,476 @@
+"""The pretraining job behind ``ep-megatron train``: an MoE GPT on real text, with rebalancing,
+checkpoints with auto-resume, metrics, validation and a final report.
+
+Launch with ``torchrun --nproc_per_node N -m ep_megatron.cli train CONFIG.yaml``, with the
+``deepspeed`` launcher, or as a single process. Every rank runs the same loop; all collectives of a
+step are entered by every rank in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+
+from ep_megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ep_megatron.config import MoEConfig
+from ep_megatron.data import DataConfig, PackedTokens, build_data
+from ep_megatron.grad_sync import ExpertGradSync, clip_grad_norm_, expert_params
+from ep_megatron.layer import MoELayer
+from ep_megatron.models.gpt import GPTConfig, MoEGPT
+from ep_megatron.parallel import ParallelGroups, build_groups, init_distributed
+from ep_megatron.rebalance import RebalanceConfig, Rebalancer
+from ep_megatron.report import write_report
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation schedule and the run's bookkeeping."""
+
+    steps: int = 300  # optimizer steps in the whole run (> 0)
+    micro_batch_size: int = 4  # sequences per rank per step (> 0)
+    lr: float = 3e-3  # peak learning rate (> 0)
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay, in [0, lr]
+    warmup_steps: int = 30  # linear warmup steps, in [0, steps]
+    weight_decay: float = 0.1  # AdamW decoupled weight decay of matrices (norms and biases get none)
+    beta1: float = 0.9  # AdamW beta1, in [0, 1)
+    beta2: float = 0.95  # AdamW beta2, in [0, 1)
+    grad_clip: float = 1.0  # max global grad norm (each logical expert counted once); 0 disables
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights and optimizer state)
+    seed: int = 0  # seeds weights (dense and per logical expert) and data order
+    expert_parallel_size: int = 0  # EP size; 0 means all ranks
+    eval_interval: int = 100  # steps between validations; 0 validates only at the end
+    eval_batches: int = 8  # validation micro-batches per rank (> 0)
+    checkpoint_interval: int = 100  # steps between checkpoints; 0 saves only at the end
+    log_interval: int = 1  # steps between progress-bar updates (> 0)
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "micro_batch_size", "eval_batches", "log_interval")
+        _non_negative(self, "expert_parallel_size", "eval_interval", "checkpoint_interval", "grad_clip")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.lr={self.lr} must be > 0 and train.min_lr={self.min_lr} in [0, lr]")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision={self.precision!r} must be 'fp32' or 'bf16'")
+
+
+def _positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"train.{name}={getattr(cfg, name)} must be > 0")
+
+
+def _non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"train.{name}={getattr(cfg, name)} must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    """A whole run, as a YAML file spells it: one section per dataclass."""
+
+    model: dict[str, Any]  # GPTConfig fields (vocab_size and max_seq_len come from the data)
+    moe: dict[str, Any]  # MoEConfig fields (hidden_size comes from the model, EP size from train)
+    data: DataConfig
+    train: TrainerConfig
+    rebalance: RebalanceConfig  # used with moe.sharding_strategy == "dynamic"
+
+
+_SECTIONS = {"model": GPTConfig, "moe": MoEConfig, "data": DataConfig, "train": TrainerConfig,
+             "rebalance": RebalanceConfig}
+_DERIVED = {"model": {"vocab_size", "max_seq_len"}, "moe": {"hidden_size", "expert_parallel_size"},
+            "rebalance": {"num_redundant_experts"}}
+
+
+def _check_keys(section: str, values: dict[str, Any]) -> None:
+    allowed = {f.name for f in dataclasses.fields(_SECTIONS[section])} - _DERIVED.get(section, set())
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                         f"allowed in '{section}': {', '.join(sorted(allowed))}")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise ValueError(f"--set {item!r} must look like section.key=value")
+        if section not in _SECTIONS:
+            raise ValueError(f"--set {item!r}: section {section!r} must be one of {sorted(_SECTIONS)}")
+        raw.setdefault(section, {})[field] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read and validate a run config; every bad key or value raises ``ValueError`` naming it."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections {sorted(_SECTIONS)}")
+    raw = apply_overrides(raw, list(overrides))
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(_SECTIONS)}")
+    sections = {name: dict(raw.get(name) or {}) for name in _SECTIONS}
+    for name, values in sections.items():
+        _check_keys(name, values)
+    config = RunConfig(
+        model=sections["model"],
+        moe=sections["moe"],
+        data=DataConfig(**sections["data"]),
+        train=TrainerConfig(**sections["train"]),
+        rebalance=RebalanceConfig(**sections["rebalance"]),
+    )
+    # Validate the model and MoE sections with placeholder derived values.
+    gpt_config(config, vocab_size=257)
+    moe_config(config, ep_size=config.train.expert_parallel_size or 1)
+    return config
+
+
+def gpt_config(config: RunConfig, vocab_size: int) -> GPTConfig:
+    return GPTConfig(**{"seed": config.train.seed, **config.model, "vocab_size": vocab_size,
+                        "max_seq_len": config.data.seq_len})
+
+
+def moe_config(config: RunConfig, ep_size: int) -> MoEConfig:
+    hidden = config.model.get("hidden_size", GPTConfig.hidden_size)
+    return MoEConfig(**{"seed": config.train.seed, **config.moe, "hidden_size": hidden,
+                        "expert_parallel_size": ep_size})
+
+
+def lr_at(step: int, cfg: TrainerConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps`` (``step`` is 0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _StopFlag:
+    """Set by SIGINT / SIGTERM; the loop finishes the step, agrees across ranks, saves and exits 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+@dataclass
+class _Run:
+    """Everything a step needs, built once."""
+
+    config: RunConfig
+    groups: ParallelGroups
+    device: torch.device
+    data: PackedTokens
+    model: MoEGPT
+    moe_layers: list[MoELayer]
+    moe_cfg: MoEConfig
+    dense_params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    grad_sync: ExpertGradSync
+    rebalancer: Rebalancer | None
+    run_dir: Path
+
+
+def _build(config: RunConfig, run_dir: Path) -> _Run:
+    env = init_distributed()
+    ep_size = config.train.expert_parallel_size or env.world_size
+    groups = build_groups(ep_size)
+    torch.manual_seed(config.train.seed)
+    data = _build_data(config.data, groups)
+    moe_cfg = moe_config(config, ep_size)
+    model_cfg = gpt_config(config, data.vocab_size)
+    num_moe = sum(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_layers))
+    placement = moe_cfg.placement(max(num_moe, 1))
+    model = MoEGPT(model_cfg, lambda i: MoELayer(moe_cfg, placement, groups, i)).to(env.device)
+    moe_layers = list(model.moe_layers())
+    experts = {id(p) for layer in moe_layers for p in expert_params(layer)}
+    dense = [p for p in model.parameters() if id(p) not in experts]
+    optimizer = _optimizer(model, config.train)
+    rebalancer = None
+    if moe_cfg.sharding_strategy == "dynamic" and config.rebalance.enabled and moe_layers:
+        redundant = moe_cfg.num_redundant_experts
+        rebalance_cfg = dataclasses.replace(config.rebalance, num_redundant_experts=redundant)
+        rebalancer = Rebalancer(moe_layers, optimizer, groups, rebalance_cfg)
+    return _Run(config, groups, env.device, data, model, moe_layers, moe_cfg, dense, optimizer,
+                ExpertGradSync(moe_layers, groups), rebalancer, run_dir)
+
+
+def _build_data(config: DataConfig, groups: ParallelGroups) -> PackedTokens:
+    """Rank 0 builds (and caches) the corpus first, so the other ranks only read the cache."""
+    if groups.rank == 0:
+        data, _ = build_data(config)
+    if dist.is_initialized():
+        dist.barrier()
+    if groups.rank != 0:
+        data, _ = build_data(config)
+    return data
+
+
+def _optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """AdamW; matrices (incl. stacked expert weights) decay, norms and vectors do not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _all_reduce_mean(tensors: list[Tensor], groups: ParallelGroups) -> None:
+    """Average dense grads over all data-parallel ranks in one flat all-reduce."""
+    if groups.world_size == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=groups.dp_group)
+    flat /= groups.world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _train_step(run: _Run, step: int) -> tuple[Tensor, dict[str, float]]:
+    """Forward, backward, gradient sync, clipping and the optimizer step; returns the local loss."""
+    cfg, groups = run.config.train, run.groups
+    inputs, targets = run.data.train_batch(step, cfg.micro_batch_size, groups.rank, groups.world_size)
+    inputs, targets = inputs.to(run.device), targets.to(run.device)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        loss, _ = run.model(inputs, targets)
+    loss.backward()
+    for p in run.dense_params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    sync_stats = run.grad_sync()
+    _all_reduce_mean([p.grad for p in run.dense_params], groups)
+    grad_norm = float("nan")
+    if cfg.grad_clip > 0:
+        grad_norm = float(clip_grad_norm_(run.dense_params, run.moe_layers, groups, cfg.grad_clip))
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=False)
+    for layer in run.moe_layers:
+        layer.update_expert_bias()
+    aux: dict[str, float] = {}
+    for layer in run.moe_layers:
+        for name, value in layer.last_aux_losses.items():
+            aux[name] = aux.get(name, 0.0) + value / len(run.moe_layers)
+    return loss.detach().float(), {"grad_norm": grad_norm, "grad_sync_bytes": sync_stats.bytes_sent, **aux}
+
+
+def _step_loads(run: _Run) -> Tensor:
+    """``[L, E]`` this rank's routed pairs of the step (the rebalancer drains the layers itself)."""
+    if run.rebalancer is not None:
+        return run.rebalancer.load_window[(run.rebalancer.step_count - 1) % run.rebalancer.config.window]
+    return torch.stack([layer.take_load().cpu() for layer in run.moe_layers])
+
+
+def _reduce_step(run: _Run, loss: Tensor, stop: bool) -> tuple[float, Tensor, Tensor, bool]:
+    """One all-reduce per step: mean loss, global load [L, E], rows per rank [world, L], stop flag."""
+    groups, num_layers = run.groups, len(run.moe_layers)
+    load = _step_loads(run).to(torch.float64) if num_layers else torch.zeros(0, 0, dtype=torch.float64)
+    rows = torch.zeros(groups.world_size, num_layers, dtype=torch.float64)
+    rows[groups.rank] = torch.tensor([float(layer.last_expert_rows) for layer in run.moe_layers],
+                                     dtype=torch.float64)
+    packed = torch.cat([loss.cpu().double().view(1), torch.tensor([float(stop)], dtype=torch.float64),
+                        load.flatten(), rows.flatten()])
+    if dist.is_initialized():
+        dist.all_reduce(packed, group=groups.dp_group)
+    mean_loss = float(packed[0]) / groups.world_size
+    load = packed[2 : 2 + load.numel()].view_as(load)
+    rows = packed[2 + load.numel():].view(groups.world_size, num_layers)
+    return mean_loss, load, rows, bool(packed[1] > 0)
+
+
+def _max_over_mean(rows: Tensor, ep_size: int) -> list[float]:
+    """``rows [world, L]`` expert rows per rank -> per layer, worst EP group's max/mean rows per rank."""
+    per_group = rows.view(-1, ep_size, rows.shape[1])  # [edp, ep, L]
+    ratio = per_group.amax(dim=1) / per_group.mean(dim=1).clamp(min=1e-9)
+    return ratio.amax(dim=0).tolist()
+
+
+@torch.no_grad()
+def evaluate(run: _Run) -> float:
+    """Mean validation loss per token over every rank's shard (same batch count on every rank)."""
+    run.model.eval()
+    cfg, groups = run.config.train, run.groups
+    total = torch.zeros(2, dtype=torch.float64)
+    batches = run.data.val_batches(cfg.micro_batch_size, groups.rank, groups.world_size)
+    for _, (inputs, targets) in zip(range(cfg.eval_batches), batches):
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss, _ = run.model(inputs.to(run.device), targets.to(run.device))
+        total += torch.tensor([float(loss) * targets.numel(), targets.numel()], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total, group=groups.dp_group)
+    run.model.train()
+    return float(total[0] / total[1])
+
+
+class _Logger:
+    """``metrics.jsonl`` (rank 0), TensorBoard when installed, and a tqdm progress bar."""
+
+    def __init__(self, run: _Run, start_step: int) -> None:
+        self.enabled = run.groups.rank == 0
+        self.file = (run.run_dir / "metrics.jsonl").open("a") if self.enabled else None
+        self.tensorboard = _tensorboard(run.run_dir) if self.enabled else None
+        self.bar = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.config.train.steps, initial=start_step, unit="step",
+                            dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key in ("loss", "val_loss", "lr", "tokens_per_s"):
+                if key in record:
+                    self.tensorboard.add_scalar(key, record[key], record["step"])
+            for layer, value in enumerate(record.get("max_over_mean", [])):
+                self.tensorboard.add_scalar(f"max_over_mean/layer{layer}", value, record["step"])
+
+    def progress(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.update(record["step"] - self.bar.n)
+            worst = max(record["max_over_mean"], default=1.0)
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                 imbalance=f"{worst:.2f}")
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _save(run: _Run, step: int) -> Path:
+    return save_checkpoint(run.run_dir / "checkpoints", step, run.model, run.optimizer, run.groups,
+                           moe_config=run.moe_cfg, rebalancer=run.rebalancer)
+
+
+def _resume(run: _Run) -> int:
+    """Load the newest complete checkpoint of the run directory, if any; return its step."""
+    if latest_checkpoint(run.run_dir / "checkpoints") is None:
+        return 0
+    state = load_checkpoint(run.run_dir / "checkpoints", run.model, run.optimizer, run.groups,
+                            moe_config=run.moe_cfg, rebalancer=run.rebalancer)
+    return int(state["step"])
+
+
+def _write_run_info(run: _Run, config_path: str) -> None:
+    info = {
+        "config": str(config_path),
+        "world_size": run.groups.world_size,
+        "expert_parallel_size": run.groups.ep_size,
+        "sharding_strategy": run.moe_cfg.sharding_strategy,
+        "corpus": run.config.data.source,
+        "bigram_entropy": run.data.train_bigram_entropy(),
+        "num_moe_layers": len(run.moe_layers),
+        "num_experts": run.moe_cfg.num_experts,
+        "num_slots": run.moe_layers[0].placement.num_slots if run.moe_layers else 0,
+    }
+    (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _step_record(run: _Run, step: int, loss: float, load: Tensor, rows: Tensor, extras: dict[str, float],
+                 metrics: Any) -> dict[str, Any]:
+    """The ``metrics.jsonl`` line of a training step (``step`` is 1-based: steps done)."""
+    record = {
+        "split": "train", "step": step, "loss": loss, "lr": lr_at(step - 1, run.config.train),
+        "aux_losses": {k: v for k, v in extras.items() if k not in ("grad_norm", "grad_sync_bytes")},
+        "grad_norm": extras["grad_norm"], "grad_sync_bytes": extras["grad_sync_bytes"],
+        "expert_load": load.long().tolist(), "max_over_mean": _max_over_mean(rows, run.groups.ep_size),
+        "rebalanced": metrics is not None and metrics.slots_moved > 0,
+        "slots_moved": metrics.slots_moved if metrics is not None else 0,
+        "bytes_moved": sum(metrics.bytes_sent_per_rank) if metrics is not None else 0,
+    }
+    if metrics is not None:
+        record["rebalance"] = metrics.to_dict()
+    return record
+
+
+def train(config_path: str | Path, overrides: list[str] = (),
+          run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the pretraining job; returns the final summary on every rank."""
+    config = load_config(config_path, overrides)
+    run_dir = Path(run_dir or Path("runs") / Path(config_path).stem)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stop = _StopFlag()
+    run = _build(config, run_dir)
+    start_step = _resume(run)
+    if run.groups.rank == 0:
+        _write_run_info(run, str(config_path))
+    logger = _Logger(run, start_step)
+    cfg = config.train
+    tokens_per_step = cfg.micro_batch_size * config.data.seq_len * run.groups.world_size
+    step = start_step
+    try:
+        while step < cfg.steps:
+            started = time.perf_counter()
+            loss, extras = _train_step(run, step)
+            metrics = run.rebalancer.step() if run.rebalancer is not None else None
+            mean_loss, load, rows, stop_now = _reduce_step(run, loss, stop.requested)
+            step += 1
+            record = _step_record(run, step, mean_loss, load, rows, extras, metrics)
+            record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
+            logger.log(record)
+            if step % cfg.log_interval == 0 or step == cfg.steps:
+                logger.progress(record)
+            final = step == cfg.steps or stop_now
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or final:
+                val_loss = evaluate(run)
+                logger.log({"split": "val", "step": step, "val_loss": val_loss})
+                logger.write(f"step {step}: validation loss {val_loss:.4f}")
+            if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or final:
+                _save(run, step)
+            if stop_now:
+                logger.write(f"stopping at step {step} on request; checkpoint saved")
+                break
+    finally:
+        logger.close()
+    summary: dict[str, Any] = {"step": step}
+    if run.groups.rank == 0:
+        report = write_report(run_dir)
+        summary = json.loads((report / "summary.json").read_text())
+        print(f"report: {report}")
+        print(f"final validation loss {summary['final_val_loss']:.4f} nats/token; "
+              f"byte-bigram conditional entropy {summary['bigram_entropy']:.4f} nats/token")
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
