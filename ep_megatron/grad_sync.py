@@ -176,7 +176,7 @@ def _ring_bytes(numel: int, element_size: int, size: int) -> int:
 
 @torch.no_grad()
 def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: ParallelGroups,
-          grad_scale: float) -> SyncStats:
+          grad_scale: float, reduce_edp: bool = True) -> SyncStats:
     if not layers:
         return SyncStats(bytes_sent=0, layer_bytes=(), ep_bytes=0, edp_bytes=0)
     ep_rank, ep_size = groups.ep_rank, groups.ep_size
@@ -203,7 +203,7 @@ def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: Par
                 total.index_add_(0, plan.recv_pos[q], received[q][i].view(-1, width))
         owned.append(total)
     flat_owned = torch.cat([t.flatten() for t in owned])
-    if groups.edp_size > 1:
+    if reduce_edp and groups.edp_size > 1:
         dist.all_reduce(flat_owned, group=groups.edp_group)
     flat_owned.mul_(grad_scale)
     owned = [t.view(-1, w) for t, w in zip(flat_owned.split([t.numel() for t in owned]), widths)]
@@ -226,7 +226,7 @@ def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: Par
         int(plan.traffic[ep_rank].sum() + plan.traffic[:, ep_rank].sum()) * w * element_size
         for plan, w in zip(plans, widths)
     ]
-    layer_edp = [_ring_bytes(t.numel(), element_size, groups.edp_size) for t in owned]
+    layer_edp = [_ring_bytes(t.numel(), element_size, groups.edp_size if reduce_edp else 1) for t in owned]
     return SyncStats(
         bytes_sent=sum(layer_ep) + sum(layer_edp),
         layer_bytes=tuple(a + b for a, b in zip(layer_ep, layer_edp)),
@@ -235,24 +235,26 @@ def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: Par
     )
 
 
-def sync_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_scale: float) -> SyncStats:
+def sync_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_scale: float,
+                reduce_edp: bool = True) -> SyncStats:
     """Sync the expert gradients of several layers in place with one pair of EP collectives.
 
-    Every rank must call this with the same placements and layer order.
+    Every rank must call this with the same placements and layer order. ``reduce_edp=False`` sums over
+    replicas only (for a framework that reduces expert grads over the EDP group itself, e.g. DeepSpeed).
     """
     _check_layers(layers, groups, grad_scale)
     plans = [
         _layer_plan(item.placement, item.layer_idx, groups.ep_rank, item.grads[0].device) for item in layers
     ]
-    return _sync(layers, plans, groups, grad_scale)
+    return _sync(layers, plans, groups, grad_scale, reduce_edp)
 
 
 def sync_replica_grads(
     grads: Sequence[Tensor], placement: ExpertPlacement, layer_idx: int, groups: ParallelGroups,
-    grad_scale: float,
+    grad_scale: float, reduce_edp: bool = True,
 ) -> int:
     """Sync one layer's expert grads (each ``[local_slots, ...]``) in place; return bytes this rank sent."""
-    return sync_layers([LayerGrads(grads, placement, layer_idx)], groups, grad_scale).bytes_sent
+    return sync_layers([LayerGrads(grads, placement, layer_idx)], groups, grad_scale, reduce_edp).bytes_sent
 
 
 # ---- MoE layers (the MoELayer contract: .placement, .layer_idx, .experts) --------------------------------

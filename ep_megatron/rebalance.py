@@ -248,7 +248,7 @@ class _TorchOptimizerRows:
                 if value.shape != p.shape:
                     raise RuntimeError(f"optimizer state {key!r} has shape {tuple(value.shape)}, neither "
                                        f"the parameter's {tuple(p.shape)} nor a scalar: cannot migrate")
-                pass
+                tensors.append(value)
         return tensors
 
     def commit(self, params: list[nn.Parameter], tensors: list[Tensor]) -> None:

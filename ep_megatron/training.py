@@ -133,14 +133,24 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     config = RunConfig(
         model=sections["model"],
         moe=sections["moe"],
-        data=DataConfig(**sections["data"]),
-        train=TrainerConfig(**sections["train"]),
-        rebalance=RebalanceConfig(**sections["rebalance"]),
+        data=_section("data", lambda: DataConfig(**sections["data"])),
+        train=_section("train", lambda: TrainerConfig(**sections["train"])),
+        rebalance=_section("rebalance", lambda: RebalanceConfig(**sections["rebalance"])),
     )
     # Validate the model and MoE sections with placeholder derived values.
-    gpt_config(config, vocab_size=257)
-    moe_config(config, ep_size=config.train.expert_parallel_size or 1)
+    _section("model", lambda: gpt_config(config, vocab_size=257))
+    _section("moe", lambda: moe_config(config, ep_size=config.train.expert_parallel_size or 1))
     return config
+
+
+def _section(name: str, build: Any) -> Any:
+    """Run a section's constructor; its errors are re-raised prefixed with the section name."""
+    try:
+        return build()
+    except (TypeError, ValueError) as exc:
+        message = str(exc)
+        prefix = "" if message.startswith(f"{name}.") else f"{name}."
+        raise ValueError(f"{prefix}{message}") from exc
 
 
 def gpt_config(config: RunConfig, vocab_size: int) -> GPTConfig:

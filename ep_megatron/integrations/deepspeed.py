@@ -3,8 +3,9 @@
 Who reduces what (each gradient element is reduced exactly once):
 
 - **replicas** (our part): a tensor hook on every expert parameter sums the gradient rows of all replicas
-  of each logical expert over the expert-parallel group, in ascending slot order, before DeepSpeed sees
-  the gradient. It runs inside backward, so ZeRO-2's reduce hooks see summed rows too.
+  of each logical expert over the expert-parallel group with :mod:`ep_megatron.grad_sync` (its EDP
+  reduction switched off), before DeepSpeed sees the gradient. It runs inside backward, so ZeRO-2's
+  reduce hooks see summed rows too.
 - **expert data parallelism** (DeepSpeed's part): our expert-parallel and expert-data-parallel groups are
   registered in ``deepspeed.utils.groups`` under the parameters' ``group_name``, and the engine is told
   the model has MoE layers. DeepSpeed then reduces expert gradients over the EDP group only (dividing by
@@ -30,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ep_megatron.grad_sync import clip_grad_norm_, sync_replica_grads
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import ParallelGroups
 
@@ -50,65 +52,37 @@ def expert_group_name(model: nn.Module) -> str:
     return names.pop()
 
 
-def param_groups(model: nn.Module, weight_decay: float = 0.0) -> ParamGroups:
+def param_groups(model: nn.Module, weight_decay: float | None = None) -> ParamGroups:
     """Optimizer parameter groups: dense parameters, and expert parameters in DeepSpeed's MoE group.
 
     The expert group has ``moe=True`` and ``name=group_name``, DeepSpeed's markers for a group reduced and
-    partitioned over the expert-data-parallel group.
+    partitioned over the expert-data-parallel group. ``weight_decay=None`` leaves the optimizer's default.
     """
     experts = _expert_params(model)
     dense = [p for p in model.parameters() if id(p) not in experts and p.requires_grad]
-    groups = [{"params": dense, "name": "dense", "weight_decay": weight_decay}]
+    extra = {} if weight_decay is None else {"weight_decay": weight_decay}
+    groups = [{"params": dense, "name": "dense", **extra}]
     if experts:
         groups.append({"params": [p for _, p in experts.values()], "moe": True,
-                       "name": expert_group_name(model), "weight_decay": weight_decay})
+                       "name": expert_group_name(model), **extra})
     return groups
 
 
 # ---- replica gradient sum --------------------------------------------------------------------------
-def replica_sum_rows(grad: torch.Tensor, layer: MoELayer, groups: ParallelGroups) -> torch.Tensor:
-    """``grad [local_slots, *row]`` -> the same with every row replaced by the sum over all replicas.
-
-    Rows of replicated logical experts are all-gathered over the expert-parallel group and summed in
-    ascending physical-slot order, so every replica gets the same bits. Layers without replicas return
-    ``grad`` untouched and run no collective (every rank sees the same placement, so all agree).
-    """
-    placement = layer.placement
-    phy2log = placement.physical_to_logical[layer.layer_idx]  # [P]
-    replica_count = placement.replica_count[layer.layer_idx]  # [E]
-    replicated_slot = replica_count[phy2log] > 1  # [P] bool
-    if not bool(replicated_slot.any()):
-        return grad
-    slots_per_rank = placement.slots_per_rank
-    per_rank = replicated_slot.view(groups.ep_size, slots_per_rank)  # [ep, slots_per_rank]
-    width = int(per_rank.sum(1).max())
-    local_slots = per_rank[groups.ep_rank].nonzero().flatten()  # local slots with a replicated expert
-    send = grad.new_zeros(width, *grad.shape[1:])
-    send[: len(local_slots)] = grad[local_slots]
-    gathered = [torch.empty_like(send) for _ in range(groups.ep_size)]
-    dist.all_gather(gathered, send.contiguous(), group=groups.ep_group)
-    rows_by_slot = {}  # global slot -> its gradient row, in ascending slot order
-    for rank in range(groups.ep_size):
-        for j, local_slot in enumerate(per_rank[rank].nonzero().flatten().tolist()):
-            rows_by_slot[rank * slots_per_rank + local_slot] = gathered[rank][j]
-    out = grad.clone()
-    first_slot = groups.ep_rank * slots_per_rank
-    for local_slot in local_slots.tolist():
-        logical_id = int(phy2log[first_slot + local_slot])
-        slots = [s for s in sorted(rows_by_slot) if int(phy2log[s]) == logical_id]
-        total = rows_by_slot[slots[0]].clone()
-        for slot in slots[1:]:
-            total += rows_by_slot[slot]
-        out[local_slot] = total
-    return out
-
-
 def register_replica_grad_hooks(model: nn.Module, groups: ParallelGroups) -> list[RemovableHandle]:
-    """Sum replica gradients inside backward (before any DeepSpeed hook), for every expert parameter."""
+    """Sum every expert gradient ``[local_slots, ...]`` over the replicas of each logical expert.
+
+    A tensor hook per expert parameter runs :func:`~ep_megatron.grad_sync.sync_replica_grads` with
+    ``reduce_edp=False`` and scale 1 inside backward, before any DeepSpeed hook: DeepSpeed then reduces
+    over the EDP group and divides by the data-parallel world size. Hooks fire in the same autograd order
+    on every rank, so every rank enters the same collectives.
+    """
     handles = []
     for layer, param in _expert_params(model).values():
         def hook(grad: torch.Tensor, layer: MoELayer = layer) -> torch.Tensor:
-            return replica_sum_rows(grad, layer, groups)
+            summed = grad.clone()
+            sync_replica_grads([summed], layer.placement, layer.layer_idx, groups, 1.0, reduce_edp=False)
+            return summed
 
         handles.append(param.register_hook(hook))
     return handles
@@ -176,24 +150,6 @@ def _zero_partition_norm(optimizer: Any, model: nn.Module, groups: ParallelGroup
     return total.sqrt().to(torch.float32)
 
 
-def global_grad_norm(model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
-    """True global L2 norm of reduced ``param.grad`` (dense identical on all ranks, experts per EP rank)."""
-    experts = _expert_params(model)
-    dense_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        grad = param.grad.detach().to(torch.float64)
-        if id(param) in experts:
-            weight = _owner_row_weight(experts[id(param)][0], groups).to(torch.float64)
-            expert_sq += (grad.pow(2).flatten(1).sum(1) * weight).sum()
-        else:
-            dense_sq += grad.pow(2).sum()
-    dist.all_reduce(expert_sq, group=groups.ep_group)
-    return (dense_sq + expert_sq).sqrt().to(torch.float32)
-
-
 def _install_true_norm(engine: Any, model: nn.Module, groups: ParallelGroups) -> None:
     """Replace DeepSpeed's gradient norm by the true one on ``engine`` (ZeRO 0 fp32, ZeRO 1/2)."""
     stage = engine.zero_optimization_stage()
@@ -207,14 +163,12 @@ def _install_true_norm(engine: Any, model: nn.Module, groups: ParallelGroups) ->
 
         optimizer.scaled_global_norm = types.MethodType(scaled_global_norm, optimizer)
     elif stage == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        experts = _expert_params(model)
+        dense = [p for p in model.parameters() if id(p) not in experts]
+
         def clip_fp32_gradients(self: Any) -> None:
-            norm = global_grad_norm(model, groups)
+            norm = clip_grad_norm_(dense, model, groups, self.gradient_clipping())
             self._global_grad_norm = norm.item()
-            coef = self.gradient_clipping() / (norm + 1e-6)
-            if coef < 1:
-                for param in model.parameters():
-                    if param.grad is not None:
-                        param.grad.mul_(coef)
 
         engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
     else:
