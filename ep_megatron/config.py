@@ -130,6 +130,13 @@ class MoEConfig:
         if self.num_redundant_experts and self.sharding_strategy != "dynamic":
             raise ValueError("num_redundant_experts is only used by sharding_strategy='dynamic'")
 
+    @classmethod
+    def from_megatron(cls, transformer_config: object, **ep_options: object) -> MoEConfig:
+        """From a Megatron ``TransformerConfig`` plus our own fields; see ``integrations.megatron``."""
+        from ep_megatron.integrations.megatron import moe_config_from_megatron
+
+        return moe_config_from_megatron(transformer_config, **ep_options)
+
     @property
     def fc1_out(self) -> int:
         """Rows of an expert's fc1 weight: ``2 * ffn`` for SwiGLU (gate rows, then up rows), else ``ffn``."""

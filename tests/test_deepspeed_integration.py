@@ -24,7 +24,6 @@ class TinyMoEModel(nn.Module):
     def __init__(self, ep_size: int, groups, strategy: str, num_redundant: int) -> None:
         from ep_megatron.config import MoEConfig
         from ep_megatron.layer import MoELayer
-
         from ep_megatron.placement import ExpertPlacement
 
         super().__init__()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from unittest import mock
 
 import pytest
 import torch
@@ -27,8 +26,9 @@ def _tc(**overrides):
 def test_config_maps_every_supported_field():
     from ep_megatron.integrations.megatron import moe_config_from_megatron
 
-    tc = _tc(num_moe_experts=8, moe_ffn_hidden_size=24, moe_router_topk=3, moe_router_score_function="sigmoid",
-             moe_router_pre_softmax=True, moe_router_num_groups=2, moe_router_group_topk=1,
+    tc = _tc(num_moe_experts=8, moe_ffn_hidden_size=24, moe_router_topk=3,
+             moe_router_score_function="sigmoid", moe_router_pre_softmax=True, moe_router_num_groups=2,
+             moe_router_group_topk=1,
              moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.01, moe_z_loss_coeff=1e-3,
              moe_router_enable_expert_bias=True, moe_router_bias_update_rate=5e-3,
              moe_expert_capacity_factor=1.5, moe_token_drop_policy="position",
@@ -46,6 +46,9 @@ def test_config_maps_every_supported_field():
     assert gelu.activation == "gelu" and gelu.ffn_hidden_size == 32 and gelu.capacity_factor is None
     assert gelu.num_groups is None and not gelu.pre_softmax
     assert moe_config_from_megatron(_tc(moe_router_pre_softmax=True)).pre_softmax
+    from ep_megatron.config import MoEConfig
+
+    assert MoEConfig.from_megatron(tc, sharding_strategy="dynamic", num_redundant_experts=4, seed=7) == cfg
 
 
 def test_config_lists_every_unsupported_field_in_one_error():
@@ -77,18 +80,38 @@ def test_every_megatron_moe_field_is_classified():
     assert glue.unsupported_megatron_fields(_tc()) == []
 
 
-def _megatron_model_and_checkpoint(tmp_dir: str, strategy: str, num_redundant: int) -> dict:
-    import multiprocessing
-
+def _save_and_load_in_memory(to_save: dict, to_load: dict) -> dict:
+    """Megatron ``dist_checkpointing.save`` then ``load`` without the files: Megatron's own preprocessing,
+    sharding-integrity validation (main replicas cover every global tensor exactly once) and factory
+    merges, with the main-replica chunks exchanged by ``all_gather_object`` instead of written (the
+    torch_dist writer of megatron-core 0.16 needs CUDA)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factory_merges, is_main_replica
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, save_preprocess
+
+    saved, _ = save_preprocess(to_save, validate_access_integrity=True)
+    mine = [(t.key, t.global_offset, t.data.detach().clone()) for t in nested_values(saved)
+            if isinstance(t, ShardedTensor) and is_main_replica(t.replica_id)]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    chunks = {(key, tuple(offset)): data for rank_chunks in everyone for key, offset, data in rank_chunks}
+    requested, _, factories = load_preprocess(to_load)
+    dict_list_map_inplace(
+        lambda t: chunks[(t.key, tuple(t.global_offset))] if isinstance(t, ShardedTensor) else None, requested
+    )
+    loaded = apply_factory_merges(requested, factories)
+    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def _megatron_model_and_checkpoint(strategy: str, num_redundant: int) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     from ep_megatron.integrations.megatron import MegatronEPMoELayer, get_gpt_layer_spec_with_ep_moe
     from ep_megatron.parallel import build_groups
 
-    # Megatron's torch_dist writer starts worker processes, which a daemonic harness rank may not do.
-    multiprocessing.current_process().daemon = False
     parallel_state.initialize_model_parallel(expert_model_parallel_size=2, create_gloo_process_groups=False)
     ours = build_groups(2)
     ep_ranks = dist.get_process_group_ranks(parallel_state.get_expert_model_parallel_group())
@@ -97,11 +120,6 @@ def _megatron_model_and_checkpoint(tmp_dir: str, strategy: str, num_redundant: i
     spec = get_gpt_layer_spec_with_ep_moe(sharding_strategy=strategy, num_redundant_experts=num_redundant)
     model = GPTModel(tc, spec, vocab_size=32, max_sequence_length=8)
     layers = [m for m in model.modules() if isinstance(m, MegatronEPMoELayer)]
-    sharded = model.sharded_state_dict()
-    # Megatron's writer calls torch.cuda.synchronize() after its host copies; on a CPU build there is
-    # nothing to wait for.
-    with mock.patch.object(torch.cuda, "synchronize", lambda *args, **kwargs: None):
-        dist_checkpointing.save(sharded, tmp_dir)
     fc1_key = "decoder.layers.1.mlp.experts.fc1_weight"
     saved_fc1 = model.state_dict()[fc1_key].clone()
     # Load under another layout (one copy per expert, no replicas) with freshly zeroed expert weights.
@@ -111,7 +129,7 @@ def _megatron_model_and_checkpoint(tmp_dir: str, strategy: str, num_redundant: i
     for layer in other_layers:
         for param in layer.experts.parameters():
             param.data.zero_()
-    loaded = dist_checkpointing.load(other.sharded_state_dict(), tmp_dir)
+    loaded = _save_and_load_in_memory(model.sharded_state_dict(), other.sharded_state_dict())
     other.load_state_dict(loaded, strict=False)
     result = {
         "ep_ranks": ep_ranks, "edp_ranks": edp_ranks,
@@ -129,10 +147,10 @@ def _megatron_model_and_checkpoint(tmp_dir: str, strategy: str, num_redundant: i
     return result
 
 
-def test_spec_groups_and_dist_checkpoint_round_trip(tmp_path):
+def test_spec_groups_and_dist_checkpoint_round_trip():
     """2 ranks, EP 2 with replicas: GPTModel builds with our spec, uses Megatron's groups, and
     Megatron's dist_checkpointing saves one row per logical expert and loads it back to every replica."""
-    results = run_ranks(_megatron_model_and_checkpoint, 2, str(tmp_path), "dynamic", 2, timeout_s=120)
+    results = run_ranks(_megatron_model_and_checkpoint, 2, "dynamic", 2, timeout_s=120)
     saved, loaded = {}, {}
     for rank, res in enumerate(results):
         assert res["ep_ranks"] == res["our_ep_ranks"] == [0, 1]

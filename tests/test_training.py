@@ -71,6 +71,27 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
+def _kill_job(root_pid: int) -> None:
+    """SIGKILL a launcher and every process below it (torchrun starts workers in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    job, frontier = [], [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        job.append(pid)
+        frontier.extend(children.get(pid, []))
+    for pid in job:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
@@ -100,20 +121,21 @@ def test_thirty_step_two_rank_run_writes_metrics_and_report(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_of_the_whole_job_matches_an_uninterrupted_run(tmp_path):
-    extra = ["train.eval_interval=0", "train.checkpoint_interval=8"]
-    _finish(_torchrun(tmp_path / "reference", 40, extra))
-    killed = _torchrun(tmp_path / "resumed", 40, extra)
+    # Tiny steps take ~10 ms: save every 30 steps so the kill lands between two checkpoints.
+    extra = ["train.eval_interval=0", "train.checkpoint_interval=30"]
+    _finish(_torchrun(tmp_path / "reference", 120, extra))
+    killed = _torchrun(tmp_path / "resumed", 120, extra)
     latest = tmp_path / "resumed" / "checkpoints" / "latest"
     deadline = time.monotonic() + 180
     while not latest.exists() and time.monotonic() < deadline and killed.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert killed.poll() is None, "the job finished before it could be killed"
-    os.killpg(killed.pid, signal.SIGKILL)
+    _kill_job(killed.pid)
     killed.communicate()
     saved_step = int(latest.read_text().strip().removeprefix("step_"))
-    assert saved_step in (8, 16, 24, 32)
-    _finish(_torchrun(tmp_path / "resumed", 40, extra))
+    assert saved_step in (30, 60, 90)
+    _finish(_torchrun(tmp_path / "resumed", 120, extra))
     reference, resumed = _train_losses(tmp_path / "reference"), _train_losses(tmp_path / "resumed")
-    assert sorted(resumed) == list(range(1, 41))
-    for step in range(saved_step + 1, 41):
+    assert sorted(resumed) == list(range(1, 121))
+    for step in range(saved_step + 1, 121):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step

@@ -43,8 +43,8 @@ _DIRECT_FIELDS = {
 # Fields mapped with a conversion (see ``_mapped_fields``).
 _CONVERTED_FIELDS = (
     "ffn_hidden_size", "moe_ffn_hidden_size", "moe_router_pre_softmax", "gated_linear_unit",
-    "activation_func", "moe_router_num_groups", "moe_router_group_topk", "moe_router_load_balancing_type", "moe_aux_loss_coeff",
-    "moe_z_loss_coeff", "moe_shared_expert_intermediate_size", "moe_router_dtype",
+    "activation_func", "moe_router_num_groups", "moe_router_group_topk", "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff", "moe_z_loss_coeff", "moe_shared_expert_intermediate_size", "moe_router_dtype",
 )
 # moe_* fields that only choose Megatron's kernels, dispatcher or logging: the math is unchanged, ours
 # replaces them.
