@@ -1,6 +1,7 @@
 """The main job: configs, a real multi-rank run under torchrun, its metrics and report, and resume
 after SIGKILL of the whole job."""
 
+import contextlib
 import json
 import os
 import signal
@@ -86,10 +87,8 @@ def _kill_job(root_pid: int) -> None:
         job.append(pid)
         frontier.extend(children.get(pid, []))
     for pid in job:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
