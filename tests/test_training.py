@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ep_megatron.training import load_config, lr_at, moe_config
+from tests.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -138,3 +139,20 @@ def test_resume_after_sigkill_of_the_whole_job_matches_an_uninterrupted_run(tmp_
     assert sorted(resumed) == list(range(1, 121))
     for step in range(saved_step + 1, 121):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_the_job_runs_under_the_deepspeed_launcher(tmp_path):
+    sets = [arg for item in [*TINY, "train.steps=6", "train.eval_batches=1"] for arg in ("--set", item)]
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    command = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
+               str(ROOT / "scripts" / "pretrain_moe.py"), str(ROOT / "configs" / "tiny_cpu.yaml"),
+               "--run-dir", str(tmp_path), *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    out = _finish(proc)
+    assert "Process" in out and "exits successfully" in out
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["world_size"] == 2 and info["expert_parallel_size"] == 2
+    assert sorted(_train_losses(tmp_path)) == list(range(1, 7))
