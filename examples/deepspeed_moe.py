@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import torch
-from ep_megatron.config import MoEConfig
-from ep_megatron.layer import MoELayer
 from torch import nn
 
+from ep_megatron.config import MoEConfig
 from ep_megatron.integrations import deepspeed as ep_ds
+from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import build_groups, init_distributed
 from ep_megatron.placement import ExpertPlacement
 
