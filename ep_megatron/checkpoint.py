@@ -935,14 +935,3 @@ def export_consolidated(path: str | Path, out_file: str | Path) -> Path:
 
 
 # ---- summaries ---------------------------------------------------------------------------------------
-def rank_balance(placement: ExpertPlacement, loads: torch.Tensor) -> torch.Tensor:
-    """``[L]`` balancedness (mean / max tokens per rank) of ``loads [L, E]`` under ``placement``.
-
-    Tokens of logical expert ``e`` are split evenly over its replicas, as the dispatcher does.
-    """
-    loads = loads.to(torch.float64)
-    per_slot = loads.gather(1, placement.physical_to_logical) / placement.replica_count.gather(
-        1, placement.physical_to_logical)  # [L, P]
-    per_rank = per_slot.view(placement.num_layers, placement.num_ranks, -1).sum(-1)  # [L, ranks]
-    peak = per_rank.max(-1).values
-    return torch.where(peak > 0, per_rank.mean(-1) / peak.clamp_min(1e-12), torch.ones_like(peak))

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ep_megatron import checkpoint as ckpt
+from ep_megatron.eplb import layer_balancedness
 from ep_megatron.placement import ExpertPlacement
 
 CONVERT_TARGETS = ("deepspeed", "safetensors", "torch", "ep-megatron")
@@ -74,7 +75,7 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     }
     loads = window_loads(path, manifest, placement)
     if loads is not None:
-        balance = ckpt.rank_balance(placement, loads)
+        balance = layer_balancedness(placement.physical_to_logical, loads, placement.num_ranks)
         summary["balance_per_layer"] = [round(b, 4) for b in balance.tolist()]
         summary["balance_worst_layer"] = round(float(balance.min()), 4)
         summary["tokens_per_layer"] = loads.sum(1).tolist()

@@ -105,11 +105,16 @@ def gpu_loads(phy2log: Tensor, weight: Tensor, num_gpus: int) -> Tensor:
     return per_slot.view(phy2log.shape[0], num_gpus, -1).sum(-1)
 
 
-def balancedness(phy2log: Tensor, weight: Tensor, num_gpus: int) -> float:
-    """Mean over layers of (mean GPU load / max GPU load); 1.0 is perfect, layers without load count 1."""
+def layer_balancedness(phy2log: Tensor, weight: Tensor, num_gpus: int) -> Tensor:
+    """``[L]`` float64 mean GPU load / max GPU load per layer; a layer without load counts 1."""
     loads = gpu_loads(phy2log, weight, num_gpus)
     peak = loads.max(1).values
-    return torch.where(peak > 0, loads.mean(1) / peak.clamp(min=1e-300), 1.0).mean().item()
+    return torch.where(peak > 0, loads.mean(1) / peak.clamp(min=1e-300), 1.0)
+
+
+def balancedness(phy2log: Tensor, weight: Tensor, num_gpus: int) -> float:
+    """Mean over layers of (mean GPU load / max GPU load); 1.0 is perfect, layers without load count 1."""
+    return layer_balancedness(phy2log, weight, num_gpus).mean().item()
 
 
 def moved_copies(old_phy2log: Tensor, new_phy2log: Tensor, num_gpus: int) -> float:

@@ -128,9 +128,7 @@ def layer_balancedness(physical_to_logical: Tensor, load: Tensor, num_ranks: int
     ``physical_to_logical [L, P]``, ``load [L, E]``: tokens per logical expert, split evenly over the
     expert's replicas (what the dispatcher does).
     """
-    rank_load = eplb.gpu_loads(physical_to_logical, load, num_ranks)  # [L, ranks]
-    peak = rank_load.max(1).values
-    return torch.where(peak > 0, rank_load.mean(1) / peak.clamp(min=1e-300), 1.0).tolist()
+    return eplb.layer_balancedness(physical_to_logical, load, num_ranks).tolist()
 
 
 # ---- row migration ------------------------------------------------------------------------------
