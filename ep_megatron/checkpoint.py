@@ -37,13 +37,14 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from ep_megatron.grad_sync import named_moe_layers
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import ParallelGroups
 from ep_megatron.placement import ExpertPlacement
@@ -98,14 +99,9 @@ class ModelView:
     moe_layers: list[tuple[str, MoELayer]]  # (module prefix, layer) in model order
 
 
-def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
-    """``(module prefix, layer)`` of every :class:`MoELayer` of ``model``, in module order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoELayer)]
-
-
 def model_view(model: nn.Module, groups: ParallelGroups) -> ModelView:
     """Split ``model``'s state into dense entries and expert tensors keyed by Megatron names."""
-    layers = moe_layers(model)
+    layers = named_moe_layers(model)
     expert_names: dict[str, ExpertTensor] = {}
     for prefix, layer in layers:
         placement: ExpertPlacement = layer.placement
@@ -464,11 +460,23 @@ def _abbrev(names: list[str], limit: int = 6) -> str:
 
 
 # ---- optimizer -------------------------------------------------------------------------------------
+class OptimizerLike(Protocol):
+    """What a checkpoint needs of an optimizer: ``torch.optim.Optimizer``'s ``param_groups`` (holding the
+    model's parameters), ``state_dict()`` and ``load_state_dict()``, with per-parameter state tensors shaped
+    like the parameter (e.g. :class:`ep_megatron.integrations.deepspeed.ZeroOptimizerState`)."""
+
+    param_groups: list[dict[str, Any]]
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
 def _optimizer_key(state_name: str, param_key: str) -> str:
     return f"{OPTIMIZER_PREFIX}.{state_name}.{param_key}"
 
 
-def _optimizer_params(optimizer: torch.optim.Optimizer, view: ModelView) -> list[list[str]]:
+def _optimizer_params(optimizer: OptimizerLike, view: ModelView) -> list[list[str]]:
     """Checkpoint key of every optimizer parameter, per param group."""
     groups = []
     for index, group in enumerate(optimizer.param_groups):
@@ -481,33 +489,37 @@ def _optimizer_params(optimizer: torch.optim.Optimizer, view: ModelView) -> list
     return groups
 
 
-def _optimizer_save(optimizer: torch.optim.Optimizer, view: ModelView,
-                    state: dict[str, Any]) -> dict[str, Any]:
+def _optimizer_save(optimizer: OptimizerLike, view: ModelView, state: dict[str, Any]) -> dict[str, Any]:
     """Add optimizer tensors to ``state``; return the JSON description (groups, per-param state kinds)."""
     experts_by_key = view.experts
-    params_by_key = _optimizer_params(optimizer, view)
-    groups_json, state_json = [], {}
-    for group, keys in zip(optimizer.param_groups, params_by_key):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    keys = [key for group_keys in _optimizer_params(optimizer, view) for key in group_keys]
+    saved = optimizer.state_dict()  # collective for optimizers whose state is sharded
+    groups_json = []
+    for group in saved["param_groups"]:
         hyper = {k: v for k, v in group.items() if k != "params"}
-        groups_json.append({"hyper": _json_value(hyper, "param_groups"), "params": keys})
-        for param, key in zip(group["params"], keys):
-            kinds = {}
-            for name, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor) and key in experts_by_key and value.shape == param.shape:
-                    rows = _save_rows(experts_by_key[key], value)
-                    if rows is not None:
-                        state[_optimizer_key(name, key)] = rows
-                    kinds[name] = "expert"
-                elif isinstance(value, torch.Tensor):
-                    state[_optimizer_key(name, key)] = value.detach().to("cpu")
-                    kinds[name] = "tensor"
-                else:
-                    kinds[name] = {"value": _json_value(value, f"{key}.{name}")}
-            state_json[key] = kinds
+        groups_json.append({"hyper": _json_value(hyper, "param_groups"),
+                            "params": [keys[index] for index in group["params"]]})
+    state_json = {}
+    for index, param_state in sorted(saved["state"].items()):
+        param, key = params[index], keys[index]
+        kinds = {}
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor) and key in experts_by_key and value.shape == param.shape:
+                rows = _save_rows(experts_by_key[key], value)
+                if rows is not None:
+                    state[_optimizer_key(name, key)] = rows
+                kinds[name] = "expert"
+            elif isinstance(value, torch.Tensor):
+                state[_optimizer_key(name, key)] = value.detach().to("cpu")
+                kinds[name] = "tensor"
+            else:
+                kinds[name] = {"value": _json_value(value, f"{key}.{name}")}
+        state_json[key] = kinds
     return {"param_groups": groups_json, "state": state_json}
 
 
-def _optimizer_load_targets(desc: dict[str, Any], optimizer: torch.optim.Optimizer, view: ModelView,
+def _optimizer_load_targets(desc: dict[str, Any], optimizer: OptimizerLike, view: ModelView,
                             tensor_meta: dict[str, Any], targets: dict[str, Any],
                             ) -> dict[str, dict[str, Any]]:
     """Add load targets for the optimizer state to ``targets``; return per-key state buffers."""
@@ -534,7 +546,7 @@ def _optimizer_load_targets(desc: dict[str, Any], optimizer: torch.optim.Optimiz
     return buffers
 
 
-def _optimizer_apply(desc: dict[str, Any], optimizer: torch.optim.Optimizer, view: ModelView,
+def _optimizer_apply(desc: dict[str, Any], optimizer: OptimizerLike, view: ModelView,
                      buffers: dict[str, dict[str, Any]]) -> None:
     """Rebuild the optimizer's ``state_dict`` (slots read their logical expert's rows) and load it."""
     index_of = {key: i for i, key in enumerate(k for group in desc["param_groups"] for k in group["params"])}
@@ -589,7 +601,7 @@ def _model_save_state(view: ModelView) -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: OptimizerLike | None,
                     groups: ParallelGroups, *, moe_config: Any, rebalancer: Any | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
     """Save ``root/step_{step:08d}`` and point ``root/latest`` at it; collective over all ranks.
@@ -689,7 +701,7 @@ def _point_latest(root: Path, name: str) -> None:
 
 
 # ---- load ------------------------------------------------------------------------------------------
-def load_checkpoint(path_or_root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+def load_checkpoint(path_or_root: str | Path, model: nn.Module, optimizer: OptimizerLike | None,
                     groups: ParallelGroups, *, moe_config: Any, rebalancer: Any | None = None,
                     restore_placement: bool = True, verify: bool = True) -> dict[str, Any]:
     """Load a checkpoint into ``model`` / ``optimizer`` / ``rebalancer`` under the current layout.

@@ -258,13 +258,19 @@ def sync_replica_grads(
 
 
 # ---- MoE layers (the MoELayer contract: .placement, .layer_idx, .experts) --------------------------------
+def _is_moe_layer(module: nn.Module) -> bool:
+    return all(hasattr(module, attr) for attr in ("placement", "layer_idx", "experts"))
+
+
+def named_moe_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """``(module prefix, layer)`` of every MoE layer of ``model`` (duck-typed), in module order."""
+    return [(name, module) for name, module in model.named_modules() if _is_moe_layer(module)]
+
+
 def moe_layers(model_or_layers: nn.Module | Iterable[Any]) -> list[Any]:
     """The MoE layers of a model (submodules with ``placement``, ``layer_idx`` and ``experts``), or a list."""
     if isinstance(model_or_layers, nn.Module):
-        return [
-            m for m in model_or_layers.modules()
-            if all(hasattr(m, attr) for attr in ("placement", "layer_idx", "experts"))
-        ]
+        return [layer for _, layer in named_moe_layers(model_or_layers)]
     return list(model_or_layers)
 
 
@@ -281,6 +287,27 @@ def expert_params(layer: Any) -> list[nn.Parameter]:
         if param.requires_grad:
             params.append(param)
     return params
+
+
+def optimizer_param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups ``[dense matrices, dense vectors, experts]`` (empty groups dropped).
+
+    ``weight_decay`` (when given) decays matrices and stacked expert weights; vectors (norms, biases) get
+    0. ``None`` leaves the optimizer's default everywhere. The expert group is the one integrations mark
+    for expert-data-parallel handling; the same groups under any optimizer keep checkpoints compatible.
+    """
+    experts = [p for layer in moe_layers(model) for p in expert_params(layer)]
+    expert_ids = {id(p) for p in experts}
+    dense = [p for p in model.parameters() if id(p) not in expert_ids and p.requires_grad]
+    groups = [
+        {"name": "dense", "params": [p for p in dense if p.dim() >= 2]},
+        {"name": "dense_no_decay", "params": [p for p in dense if p.dim() < 2]},
+        {"name": "experts", "params": experts},
+    ]
+    if weight_decay is not None:
+        for group in groups:
+            group["weight_decay"] = 0.0 if group["name"] == "dense_no_decay" else weight_decay
+    return [group for group in groups if group["params"]]
 
 
 def _expert_grads(layer: Any) -> list[Tensor]:

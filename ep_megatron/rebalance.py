@@ -253,6 +253,16 @@ class _TorchOptimizerRows:
         """Nothing to do: rows were rewritten in the live tensors."""
 
 
+def deepspeed_state_keys(engine: Any) -> list[str]:
+    """Per-element state names (``exp_avg``, ...) of a DeepSpeed ZeRO-1/2 / bf16 optimizer's base
+    optimizer, whose state lives on flat fp32 partitions; empty before its first step."""
+    base = getattr(engine.optimizer, "optimizer", None)
+    keys = set()
+    for state in getattr(base, "state", {}).values():
+        keys.update(k for k, v in state.items() if isinstance(v, Tensor) and v.numel() > 1)
+    return sorted(keys)
+
+
 class _DeepSpeedHpRows:
     """DeepSpeed ZeRO 1/2 or bf16 optimizer: low-precision parameter rows plus the fp32 master and
     optimizer-state rows, read and written whole with DeepSpeed's public ``safe_*_full_*`` helpers
@@ -262,11 +272,7 @@ class _DeepSpeedHpRows:
         self.engine = engine
 
     def _state_keys(self) -> list[str]:
-        base = getattr(self.engine.optimizer, "optimizer", None)
-        keys = set()
-        for state in getattr(base, "state", {}).values():
-            keys.update(k for k, v in state.items() if isinstance(v, Tensor) and v.numel() > 1)
-        return sorted(keys)
+        return deepspeed_state_keys(self.engine)
 
     def gather(self, params: list[nn.Parameter]) -> list[Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state

@@ -22,10 +22,11 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 
-from ep_megatron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ep_megatron.checkpoint import OptimizerLike, latest_checkpoint, load_checkpoint, save_checkpoint
 from ep_megatron.config import MoEConfig
 from ep_megatron.data import DataConfig, PackedTokens, build_data
-from ep_megatron.grad_sync import ExpertGradSync, clip_grad_norm_, expert_params
+from ep_megatron.grad_sync import ExpertGradSync, clip_grad_norm_, expert_params, optimizer_param_groups
+from ep_megatron.integrations import deepspeed as ds_glue
 from ep_megatron.layer import MoELayer
 from ep_megatron.models.gpt import GPTConfig, MoEGPT
 from ep_megatron.parallel import ParallelGroups, build_groups, init_distributed
@@ -53,6 +54,7 @@ class TrainerConfig:
     eval_batches: int = 8  # validation micro-batches per rank (> 0)
     checkpoint_interval: int = 100  # steps between checkpoints; 0 saves only at the end
     log_interval: int = 1  # steps between progress-bar updates (> 0)
+    deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO stage 0/1/2 settings); "" trains with torch AdamW
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "micro_batch_size", "eval_batches", "log_interval")
@@ -66,6 +68,45 @@ class TrainerConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision={self.precision!r} must be 'fp32' or 'bf16'")
+        if self.deepspeed_config:
+            deepspeed_config(self)
+
+
+def deepspeed_config(cfg: TrainerConfig, world_size: int | None = None) -> dict[str, Any]:
+    """``train.deepspeed_config`` completed from the train section, which owns the batch size, clipping,
+    precision and optimizer (AdamW with its schedule); the file holds ZeRO and communication settings.
+
+    A file value that disagrees with the train section raises ``ValueError`` naming both.
+    """
+    where = f"train.deepspeed_config={cfg.deepspeed_config!r}"
+    try:
+        raw = json.loads(Path(cfg.deepspeed_config).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: cannot read it as JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: must hold a JSON object")
+    owned_sections = [k for k in ("optimizer", "scheduler") if k in raw]
+    if owned_sections:
+        raise ValueError(f"{where}: remove {owned_sections}; the optimizer is AdamW with train.lr, beta1, "
+                         f"beta2, weight_decay, warmup_steps and min_lr")
+    if (raw.get("fp16") or {}).get("enabled", False):
+        raise ValueError(f"{where}: fp16 is not supported; set train.precision to 'fp32' or 'bf16'")
+    stage = (raw.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2) or (stage == 0 and cfg.precision == "bf16"):
+        raise ValueError(f"{where}: zero_optimization.stage={stage} must be 0, 1 or 2 (1 or 2 with "
+                         f"train.precision='bf16')")
+    owned: dict[str, Any] = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+                             "gradient_accumulation_steps": 1, "gradient_clipping": float(cfg.grad_clip)}
+    if world_size is not None:
+        owned["train_batch_size"] = cfg.micro_batch_size * world_size
+    bf16 = {**(raw.get("bf16") or {}), "enabled": cfg.precision == "bf16"}
+    for key, value in [*owned.items(), ("bf16.enabled", bf16["enabled"])]:
+        section, _, field = key.partition(".")
+        given = (raw.get(section) or {}).get(field) if field else raw.get(section)
+        if given is not None and given != value:
+            raise ValueError(f"{where}: {key}={given} disagrees with the train section ({value}); remove it "
+                             f"from the file")
+    return {**raw, **owned, "bf16": bf16}
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -196,8 +237,9 @@ class _Run:
     moe_layers: list[MoELayer]
     moe_cfg: MoEConfig
     dense_params: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    grad_sync: ExpertGradSync
+    optimizer: OptimizerLike  # what checkpoints save: the torch AdamW or a DeepSpeed ZeRO view
+    engine: Any | None  # the DeepSpeed engine with train.deepspeed_config, else None
+    grad_sync: ExpertGradSync | None  # our sync of expert grads (DeepSpeed runs use its replica hooks)
     rebalancer: Rebalancer | None
     run_dir: Path
 
@@ -216,14 +258,19 @@ def _build(config: RunConfig, run_dir: Path) -> _Run:
     moe_layers = list(model.moe_layers())
     experts = {id(p) for layer in moe_layers for p in expert_params(layer)}
     dense = [p for p in model.parameters() if id(p) not in experts]
-    optimizer = _optimizer(model, config.train)
+    if config.train.deepspeed_config:
+        engine = _deepspeed_engine(model, groups, config.train)
+        optimizer, grad_sync = ds_glue.checkpoint_optimizer(engine), None
+    else:
+        engine, optimizer = None, _optimizer(model, config.train)
+        grad_sync = ExpertGradSync(moe_layers, groups)
     rebalancer = None
     if moe_cfg.sharding_strategy == "dynamic" and config.rebalance.enabled and moe_layers:
         redundant = moe_cfg.num_redundant_experts
         rebalance_cfg = dataclasses.replace(config.rebalance, num_redundant_experts=redundant)
-        rebalancer = Rebalancer(moe_layers, optimizer, groups, rebalance_cfg)
-    return _Run(config, groups, env.device, data, model, moe_layers, moe_cfg, dense, optimizer,
-                ExpertGradSync(moe_layers, groups), rebalancer, run_dir)
+        rebalancer = Rebalancer(moe_layers, engine or optimizer, groups, rebalance_cfg)
+    return _Run(config, groups, env.device, data, model, moe_layers, moe_cfg, dense, optimizer, engine,
+                grad_sync, rebalancer, run_dir)
 
 
 def _build_data(config: DataConfig, groups: ParallelGroups) -> PackedTokens:
@@ -239,10 +286,19 @@ def _build_data(config: DataConfig, groups: ParallelGroups) -> PackedTokens:
 
 def _optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
     """AdamW; matrices (incl. stacked expert weights) decay, norms and vectors do not."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return _adamw(optimizer_param_groups(model, cfg.weight_decay), cfg)
+
+
+def _adamw(param_groups: list[dict[str, Any]], cfg: TrainerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _deepspeed_engine(model: nn.Module, groups: ParallelGroups, cfg: TrainerConfig) -> Any:
+    """The DeepSpeed engine of ``train.deepspeed_config`` around ``model`` (AdamW, same param groups)."""
+    ds_config = deepspeed_config(cfg, groups.world_size)
+    engine, *_ = ds_glue.initialize(model, groups, lambda param_groups: _adamw(param_groups, cfg), ds_config,
+                                    weight_decay=cfg.weight_decay)
+    return engine
 
 
 def _all_reduce_mean(tensors: list[Tensor], groups: ParallelGroups) -> None:
@@ -263,6 +319,22 @@ def _train_step(run: _Run, step: int) -> tuple[Tensor, dict[str, float]]:
     cfg, groups = run.config.train, run.groups
     inputs, targets = run.data.train_batch(step, cfg.micro_batch_size, groups.rank, groups.world_size)
     inputs, targets = inputs.to(run.device), targets.to(run.device)
+    if run.engine is not None:
+        loss, grad_norm, sync_bytes = _deepspeed_step(run, step, inputs, targets)
+    else:
+        loss, grad_norm, sync_bytes = _torch_step(run, step, inputs, targets)
+    for layer in run.moe_layers:
+        layer.update_expert_bias()
+    aux: dict[str, float] = {}
+    for layer in run.moe_layers:
+        for name, value in layer.last_aux_losses.items():
+            aux[name] = aux.get(name, 0.0) + value / len(run.moe_layers)
+    return loss.detach().float(), {"grad_norm": grad_norm, "grad_sync_bytes": sync_bytes, **aux}
+
+
+def _torch_step(run: _Run, step: int, inputs: Tensor, targets: Tensor) -> tuple[Tensor, float, int]:
+    """``inputs, targets [batch, seq]``: a step with our sync and AdamW -> (loss, grad norm, sync bytes)."""
+    cfg, groups = run.config.train, run.groups
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         loss, _ = run.model(inputs, targets)
     loss.backward()
@@ -278,13 +350,20 @@ def _train_step(run: _Run, step: int) -> tuple[Tensor, dict[str, float]]:
         group["lr"] = lr_at(step, cfg)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=False)
-    for layer in run.moe_layers:
-        layer.update_expert_bias()
-    aux: dict[str, float] = {}
-    for layer in run.moe_layers:
-        for name, value in layer.last_aux_losses.items():
-            aux[name] = aux.get(name, 0.0) + value / len(run.moe_layers)
-    return loss.detach().float(), {"grad_norm": grad_norm, "grad_sync_bytes": sync_stats.bytes_sent, **aux}
+    return loss, grad_norm, sync_stats.bytes_sent
+
+
+def _deepspeed_step(run: _Run, step: int, inputs: Tensor, targets: Tensor) -> tuple[Tensor, float, int]:
+    """The same step through the DeepSpeed engine (its reductions, ZeRO, bf16; our replica hooks and norm)."""
+    engine = run.engine
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr_at(step, run.config.train)
+    loss, _ = engine(inputs, targets)
+    engine.backward(loss)
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    grad_norm = float(norm) if norm is not None and run.config.train.grad_clip > 0 else float("nan")
+    return loss, grad_norm, ds_glue.replica_grad_hooks(engine).take_bytes_sent()
 
 
 def _step_loads(run: _Run) -> Tensor:
@@ -413,8 +492,15 @@ def _write_run_info(run: _Run, config_path: str) -> None:
         "num_moe_layers": len(run.moe_layers),
         "num_experts": run.moe_cfg.num_experts,
         "num_slots": run.moe_layers[0].placement.num_slots if run.moe_layers else 0,
+        "optimizer": _optimizer_name(run),
     }
     (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _optimizer_name(run: _Run) -> str:
+    if run.engine is None:
+        return "torch AdamW"
+    return f"DeepSpeed ZeRO stage {run.engine.zero_optimization_stage()} AdamW"
 
 
 def _step_record(run: _Run, step: int, loss: float, load: Tensor, rows: Tensor, extras: dict[str, float],

@@ -37,6 +37,7 @@ def main() -> None:
     placement = ExpertPlacement.build("dynamic", 1, 8, 2, num_redundant=2)
     model = TinyModel(config, placement, groups)
     ds_config = json.loads((Path(__file__).parent.parent / "configs" / "ds_zero2.json").read_text())
+    ds_config.update(train_micro_batch_size_per_gpu=1, gradient_clipping=1.0)  # the job's own settings
     engine, *_ = ep_ds.initialize(model, groups, lambda pg: torch.optim.AdamW(pg, lr=1e-3), ds_config)
     for step in range(5):
         x = torch.randn(64, 32, generator=torch.Generator().manual_seed(step * 100 + env.rank))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ep_megatron.training import load_config, lr_at, moe_config
+from ep_megatron.training import deepspeed_config, load_config, lr_at, moe_config
 from tests.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +46,42 @@ def test_every_shipped_config_loads_and_validates(path):
         ("data.seq_len=0", "data.seq_len"),
         ("rebalance.window=0", "rebalance.window"),
         ("optim.lr=1", "section 'optim'"),
+        ("train.deepspeed_config=missing.json", "train.deepspeed_config='missing.json': cannot read"),
     ],
 )
 def test_a_wrong_key_or_value_names_the_field(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(ROOT / "configs" / "tiny_cpu.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    ("ds_config", "overrides", "message"),
+    [
+        ({"optimizer": {"type": "Adam"}}, [], r"remove \['optimizer'\]; the optimizer is AdamW"),
+        ({"fp16": {"enabled": True}}, [], "fp16 is not supported"),
+        ({"zero_optimization": {"stage": 3}}, [], "zero_optimization.stage=3 must be 0, 1 or 2"),
+        ({}, ["train.precision=bf16"], "zero_optimization.stage=0 must be"),
+        ({"train_micro_batch_size_per_gpu": 1}, [], r"train_micro_batch_size_per_gpu=1 disagrees .* \(4\)"),
+        ({"gradient_clipping": 0.5}, [], r"gradient_clipping=0.5 disagrees .* \(1.0\)"),
+        ({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}, [], "bf16.enabled=True disagrees"),
+    ],
+)
+def test_a_deepspeed_config_that_disagrees_with_the_train_section_is_named(tmp_path, ds_config, overrides,
+                                                                           message):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_config))
+    with pytest.raises(ValueError, match=message):
+        load_config(ROOT / "configs" / "tiny_cpu.yaml", [f"train.deepspeed_config={path}", *overrides])
+
+
+def test_the_train_section_completes_a_shipped_deepspeed_config():
+    ds_file = ROOT / "configs" / "ds_zero2.json"
+    config = load_config(ROOT / "configs" / "tiny_cpu.yaml",
+                         [f"train.deepspeed_config={ds_file}", "train.precision=bf16"])
+    ds_config = deepspeed_config(config.train, world_size=4)
+    assert ds_config["zero_optimization"]["stage"] == 2
+    assert ds_config["train_micro_batch_size_per_gpu"] == 4 and ds_config["train_batch_size"] == 16
+    assert ds_config["gradient_clipping"] == 1.0 and ds_config["bf16"] == {"enabled": True}
 
 
 def _torchrun(run_dir: Path, steps: int, extra: list[str], nproc: int = 2) -> subprocess.Popen:
@@ -142,8 +173,37 @@ def test_resume_after_sigkill_of_the_whole_job_matches_an_uninterrupted_run(tmp_
 
 
 @pytest.mark.slow
-def test_the_job_runs_under_the_deepspeed_launcher(tmp_path):
-    sets = [arg for item in [*TINY, "train.steps=6", "train.eval_batches=1"] for arg in ("--set", item)]
+def test_deepspeed_zero2_job_matches_the_torch_job_and_resumes_under_zero1(tmp_path):
+    """Same run under torch AdamW and under DeepSpeed ZeRO-2 (rebalancing every 5 steps, checkpoints every
+    10): equal losses. The ZeRO-2 checkpoint of step 10 then resumes under ZeRO-1: steps 11-20 equal."""
+    extra = ["train.eval_interval=0", "train.checkpoint_interval=10"]
+    zero = {stage: f"train.deepspeed_config={ROOT / 'configs' / f'ds_zero{stage}.json'}" for stage in (1, 2)}
+    _finish(_torchrun(tmp_path / "torch", 20, extra))
+    _finish(_torchrun(tmp_path / "zero2", 20, [*extra, zero[2]]))
+    resumed = tmp_path / "zero1_resumed" / "checkpoints"
+    resumed.mkdir(parents=True)
+    os.symlink(tmp_path / "zero2" / "checkpoints" / "step_00000010", resumed / "step_00000010")
+    (resumed / "latest").write_text("step_00000010\n")
+    _finish(_torchrun(tmp_path / "zero1_resumed", 20, [*extra, zero[1]]))
+    reference, zero2 = _train_losses(tmp_path / "torch"), _train_losses(tmp_path / "zero2")
+    zero1 = _train_losses(tmp_path / "zero1_resumed")
+    info = json.loads((tmp_path / "zero2" / "run_info.json").read_text())
+    assert info["optimizer"] == "DeepSpeed ZeRO stage 2 AdamW"
+    moved = [json.loads(line)["slots_moved"] for line in (tmp_path / "zero2" / "metrics.jsonl").open()
+             if '"split": "train"' in line]
+    assert sum(moved[10:]) > 0, "a rebalance must move slots after the resume point"
+    assert sorted(zero2) == list(range(1, 21)) and sorted(zero1) == list(range(11, 21))
+    for step in range(1, 21):
+        assert zero2[step] == pytest.approx(reference[step], rel=1e-5), step
+    for step in range(11, 21):
+        assert zero1[step] == pytest.approx(zero2[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_the_job_runs_under_the_deepspeed_launcher_with_a_shipped_ds_config(tmp_path):
+    ds_config = f"train.deepspeed_config={ROOT / 'configs' / 'ds_zero1.json'}"
+    items = [*TINY, "train.steps=6", "train.eval_batches=1", ds_config]
+    sets = [arg for item in items for arg in ("--set", item)]
     deepspeed = Path(sys.executable).parent / "deepspeed"
     command = [str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()),
                str(ROOT / "scripts" / "pretrain_moe.py"), str(ROOT / "configs" / "tiny_cpu.yaml"),
@@ -155,4 +215,5 @@ def test_the_job_runs_under_the_deepspeed_launcher(tmp_path):
     assert "Process" in out and "exits successfully" in out
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert info["world_size"] == 2 and info["expert_parallel_size"] == 2
+    assert info["optimizer"] == "DeepSpeed ZeRO stage 1 AdamW"
     assert sorted(_train_losses(tmp_path)) == list(range(1, 7))

@@ -15,9 +15,15 @@ Who reduces what (each gradient element is reduced exactly once):
   per copy. :func:`initialize` replaces the norm with the true global norm, each logical expert counted
   once (its owner slot), for ZeRO 0 (fp32) and ZeRO 1/2 (fp32, bf16).
 
+Checkpoints: :func:`checkpoint_optimizer` presents a ZeRO optimizer per model parameter (full fp32
+master and optimizer-state tensors, gathered with DeepSpeed's public ``safe_*_full_*`` helpers), so
+:mod:`ep_megatron.checkpoint` saves it by logical expert, like a torch optimizer, and a run resumes under
+another EP size, placement or ZeRO stage.
+
 Usage (instead of ``deepspeed.initialize(model=..., optimizer=..., config=...)``)::
 
     engine, *_ = ep_megatron.integrations.deepspeed.initialize(model, groups, optimizer_fn, ds_config)
+    save_checkpoint(root, step, engine.module, checkpoint_optimizer(engine), groups, moe_config=cfg)
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ep_megatron.grad_sync import clip_grad_norm_, sync_replica_grads
+from ep_megatron.grad_sync import clip_grad_norm_, optimizer_param_groups, sync_replica_grads
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import ParallelGroups
+from ep_megatron.rebalance import deepspeed_state_keys
 
 ParamGroups = list[dict[str, Any]]
 
@@ -53,39 +60,51 @@ def expert_group_name(model: nn.Module) -> str:
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None) -> ParamGroups:
-    """Optimizer parameter groups: dense parameters, and expert parameters in DeepSpeed's MoE group.
+    """:func:`~ep_megatron.grad_sync.optimizer_param_groups` with the expert group in DeepSpeed's MoE group.
 
     The expert group has ``moe=True`` and ``name=group_name``, DeepSpeed's markers for a group reduced and
     partitioned over the expert-data-parallel group. ``weight_decay=None`` leaves the optimizer's default.
     """
-    experts = _expert_params(model)
-    dense = [p for p in model.parameters() if id(p) not in experts and p.requires_grad]
-    extra = {} if weight_decay is None else {"weight_decay": weight_decay}
-    groups = [{"params": dense, "name": "dense", **extra}]
-    if experts:
-        groups.append({"params": [p for _, p in experts.values()], "moe": True,
-                       "name": expert_group_name(model), **extra})
+    groups = optimizer_param_groups(model, weight_decay)
+    for group in groups:
+        if group["name"] == "experts":
+            group.update(moe=True, name=expert_group_name(model))
     return groups
 
 
 # ---- replica gradient sum --------------------------------------------------------------------------
-def register_replica_grad_hooks(model: nn.Module, groups: ParallelGroups) -> list[RemovableHandle]:
+class ReplicaGradHooks:
     """Sum every expert gradient ``[local_slots, ...]`` over the replicas of each logical expert.
 
     A tensor hook per expert parameter runs :func:`~ep_megatron.grad_sync.sync_replica_grads` with
     ``reduce_edp=False`` and scale 1 inside backward, before any DeepSpeed hook: DeepSpeed then reduces
     over the EDP group and divides by the data-parallel world size. Hooks fire in the same autograd order
-    on every rank, so every rank enters the same collectives.
+    on every rank, so every rank enters the same collectives; an expert parameter always joins the graph
+    (empty slots too), so its hook fires on every rank even when the rank received no token.
     """
-    handles = []
-    for layer, param in _expert_params(model).values():
-        def hook(grad: torch.Tensor, layer: MoELayer = layer) -> torch.Tensor:
+
+    def __init__(self, model: nn.Module, groups: ParallelGroups) -> None:
+        self.bytes_sent = 0  # bytes this rank sent since the last take_bytes_sent()
+        self.handles: list[RemovableHandle] = []
+        for layer, param in _expert_params(model).values():
+            self.handles.append(param.register_hook(self._hook(layer, groups)))
+
+    def _hook(self, layer: MoELayer, groups: ParallelGroups) -> Callable[[torch.Tensor], torch.Tensor]:
+        def hook(grad: torch.Tensor) -> torch.Tensor:
             summed = grad.clone()
-            sync_replica_grads([summed], layer.placement, layer.layer_idx, groups, 1.0, reduce_edp=False)
+            self.bytes_sent += sync_replica_grads([summed], layer.placement, layer.layer_idx, groups, 1.0,
+                                                  reduce_edp=False)
             return summed
 
-        handles.append(param.register_hook(hook))
-    return handles
+        return hook
+
+    def take_bytes_sent(self) -> int:
+        sent, self.bytes_sent = self.bytes_sent, 0
+        return sent
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 # ---- DeepSpeed groups and MoE detection ------------------------------------------------------------
@@ -105,12 +124,16 @@ def _moe_marker_class() -> type[nn.Module]:
     from deepspeed.moe.layer import MoE
 
     class EPMegatronDeepSpeedMoE(MoE):
-        """Parameter-free module that makes the DeepSpeed engine take its MoE code path for our layers."""
+        """Parameter-free module that makes the DeepSpeed engine take its MoE code path for our layers, and
+        holds what the glue needs later: the groups, the replica hooks and the model's param groups."""
 
-        def __init__(self, num_experts: int, groups: ParallelGroups, group_name: str) -> None:
+        def __init__(self, num_experts: int, groups: ParallelGroups, group_name: str,
+                     replica_hooks: ReplicaGradHooks, model_param_groups: ParamGroups) -> None:
             nn.Module.__init__(self)  # skip MoE.__init__: the experts live in our layers
             self.num_experts, self.ep_size, self.expert_group_name = num_experts, groups.ep_size, group_name
             self._groups = groups
+            self.replica_hooks = replica_hooks
+            self.model_param_groups = model_param_groups  # the groups given to the optimizer, model params
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             del use_data_before_expert_parallel_
@@ -120,6 +143,21 @@ def _moe_marker_class() -> type[nn.Module]:
             raise RuntimeError("EPMegatronDeepSpeedMoE is a marker; it is never called")
 
     return EPMegatronDeepSpeedMoE
+
+
+MARKER_NAME = "ep_megatron_deepspeed_moe"
+
+
+def _marker(engine: Any) -> Any:
+    marker = getattr(engine.module, MARKER_NAME, None)
+    if marker is None:
+        raise ValueError("engine was not built by ep_megatron.integrations.deepspeed.initialize")
+    return marker
+
+
+def replica_grad_hooks(engine: Any) -> ReplicaGradHooks:
+    """The replica-sum hooks :func:`initialize` installed on ``engine``'s model."""
+    return _marker(engine).replica_hooks
 
 
 # ---- true global gradient norm -----------------------------------------------------------------------
@@ -176,13 +214,31 @@ def _install_true_norm(engine: Any, model: nn.Module, groups: ParallelGroups) ->
                          "layers; use stage 1 or 2 for mixed precision")
 
 
+def _link_state_after_every_group(zero_optimizer: Any) -> None:
+    """Work around DeepSpeed 0.19's ZeRO-1/2 linking its fragments to the optimizer state after the first
+    group's first step, when later groups have no state yet: their parameters then never see
+    ``exp_avg`` etc. through ``safe_*_optimizer_state``. Linking waits until every group has state."""
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is None:
+        return
+    base = zero_optimizer.optimizer
+
+    def link_when_complete() -> None:
+        if all(base.state.get(flat) for group in base.param_groups for flat in group["params"]):
+            link()
+
+    zero_optimizer._lazy_init_hp_params_optimizer_state = link_when_complete
+
+
 def initialize(model: nn.Module, groups: ParallelGroups,
                optimizer_fn: Callable[[ParamGroups], torch.optim.Optimizer] | None,
-               config: dict[str, Any], **kwargs: Any) -> tuple[Any, ...]:
+               config: dict[str, Any], *, weight_decay: float | None = None,
+               **kwargs: Any) -> tuple[Any, ...]:
     """``deepspeed.initialize`` for a model with our MoE layers; returns what DeepSpeed returns.
 
-    ``optimizer_fn(param_groups)`` builds the client optimizer from :func:`param_groups` (None: the
-    ``optimizer`` section of ``config``). Supported: ZeRO stage 0 (fp32), 1 and 2 (fp32, bf16).
+    ``optimizer_fn(param_groups)`` builds the client optimizer from :func:`param_groups` (with
+    ``weight_decay``; None: the ``optimizer`` section of ``config``). Supported: ZeRO stage 0 (fp32), 1 and
+    2 (fp32, bf16). :func:`checkpoint_optimizer` gives the optimizer to pass to our checkpoints.
     """
     import deepspeed
 
@@ -197,12 +253,115 @@ def initialize(model: nn.Module, groups: ParallelGroups,
     name = expert_group_name(model)
     register_deepspeed_groups(groups, name)
     num_experts = next(iter(experts.values()))[0].placement.num_logical_experts
-    model.add_module("ep_megatron_deepspeed_moe", _moe_marker_class()(num_experts, groups, name))
-    register_replica_grad_hooks(model, groups)
-    groups_ = param_groups(model)
+    groups_ = param_groups(model, weight_decay)
+    hooks = ReplicaGradHooks(model, groups)
+    model_groups = [{**group, "params": list(group["params"])} for group in groups_]  # ZeRO rewrites groups_
+    model.add_module(MARKER_NAME, _moe_marker_class()(num_experts, groups, name, hooks, model_groups))
     optimizer = optimizer_fn(groups_) if optimizer_fn is not None else None
     result = deepspeed.initialize(model=model, optimizer=optimizer,
                                   model_parameters=None if optimizer is not None else groups_,
                                   config=config, **kwargs)
     _install_true_norm(result[0], model, groups)
+    if type(result[0].optimizer).__name__ == "DeepSpeedZeroOptimizer":
+        _link_state_after_every_group(result[0].optimizer)
     return result
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+class ZeroOptimizerState:
+    """A DeepSpeed ZeRO-1/2 (or bf16) optimizer seen per model parameter, in ``torch.optim``'s shape.
+
+    ``param_groups`` hold the model's parameters with the live hyperparameters; ``state_dict()`` gives,
+    per parameter, full tensors shaped like it: every per-element state (``exp_avg``, ``exp_avg_sq``),
+    ``step``, and ``fp32_param`` (the master) when the parameter is low precision. Getting is collective
+    over each parameter's data-parallel group, in parameter order on every rank; loading is local. Loading
+    into an optimizer that has not stepped yet creates its state first (zeros), as its first step would.
+    """
+
+    def __init__(self, engine: Any, model_param_groups: ParamGroups) -> None:
+        live = engine.optimizer.param_groups
+        if len(live) != len(model_param_groups):
+            raise RuntimeError(f"DeepSpeed optimizer has {len(live)} param groups, the model "
+                               f"{len(model_param_groups)}: cannot map its state to parameters")
+        self.engine = engine
+        self._model_groups = model_param_groups
+
+    @property
+    def param_groups(self) -> ParamGroups:
+        return [{**{k: v for k, v in live.items() if k != "params"}, "params": model["params"]}
+                for live, model in zip(self.engine.optimizer.param_groups, self._model_groups)]
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for group in self._model_groups for p in group["params"]]
+
+    def _base_state(self) -> dict[Any, dict[str, Any]]:
+        """The base optimizer's state, keyed by flat fp32 partitions."""
+        return self.engine.optimizer.optimizer.state
+
+    def state_dict(self) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        keys = deepspeed_state_keys(self.engine)
+        steps = [s["step"] for s in self._base_state().values() if "step" in s]
+        state = {}
+        for index, param in enumerate(self._params()):
+            entry = {key: safe_get_full_optimizer_state(param, key).clone() for key in keys}
+            if steps:
+                entry["step"] = steps[0].clone()
+            if param.dtype != torch.float32:
+                entry["fp32_param"] = safe_get_full_fp32_param(param).clone()
+            state[index] = entry
+        groups, start = [], 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            groups.append({**group, "params": list(range(start, start + count))})
+            start += count
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Set masters (``fp32_param``, else the current parameter), per-element state, ``step`` and
+        hyperparameters; call after the model's parameters are loaded."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        saved = state_dict["state"]
+        keys = sorted({k for entry in saved.values() for k, v in entry.items()
+                       if k not in ("step", "fp32_param") and isinstance(v, torch.Tensor) and v.numel() > 1})
+        self._create_state(keys)
+        for live, group in zip(self.engine.optimizer.param_groups, state_dict["param_groups"]):
+            live.update({k: v for k, v in group.items() if k != "params"})
+        for index, param in enumerate(self._params()):
+            entry = saved.get(index, {})
+            master = entry.get("fp32_param", param.detach())
+            safe_set_full_fp32_param(param, master.to(param.device, torch.float32))
+            for key in keys:
+                safe_set_full_optimizer_state(param, entry[key].to(param.device), key)
+        steps = [entry["step"] for entry in saved.values() if "step" in entry]
+        for base_state in self._base_state().values():
+            if steps and "step" in base_state:
+                base_state["step"] = torch.as_tensor(steps[0]).clone().to(base_state["step"])
+
+    def _create_state(self, keys: list[str]) -> None:
+        """Zero state for ``keys`` on every flat partition, linked to the parameters' fragments."""
+        if not keys or deepspeed_state_keys(self.engine):
+            return
+        zero_optimizer = self.engine.optimizer
+        for group in zero_optimizer.optimizer.param_groups:
+            for flat in group["params"]:
+                state = {key: torch.zeros_like(flat) for key in keys}
+                self._base_state()[flat] = {"step": torch.zeros((), dtype=torch.float32), **state}
+        if not hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+            raise RuntimeError(f"{type(zero_optimizer).__name__} cannot link optimizer state to parameters "
+                               f"in this DeepSpeed version")
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def checkpoint_optimizer(engine: Any) -> Any:
+    """The optimizer to pass to :func:`~ep_megatron.checkpoint.save_checkpoint` / ``load_checkpoint`` for
+    an engine built by :func:`initialize`: the torch optimizer itself (ZeRO 0, fp32), else a
+    :class:`ZeroOptimizerState`."""
+    wrapper = type(engine.optimizer).__name__
+    if wrapper in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
+        return ZeroOptimizerState(engine, _marker(engine).model_param_groups)
+    if isinstance(engine.optimizer, torch.optim.Optimizer):
+        return engine.optimizer
+    raise ValueError(f"DeepSpeed optimizer {wrapper} is not supported by ep_megatron checkpoints")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ep_megatron.config import MoEConfig
+from ep_megatron.grad_sync import moe_layers
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import ParallelGroups, build_groups
 from ep_megatron.placement import ExpertPlacement
@@ -396,7 +397,7 @@ def ep_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def ep_moe_layers(model: nn.Module | Sequence[nn.Module]) -> list[MoELayer]:
     """Our MoE layers of a Megatron model (or list of virtual-pipeline chunks), in module order."""
     chunks = model if isinstance(model, Sequence) else [model]
-    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MoELayer)]
+    return [layer for chunk in chunks for layer in moe_layers(chunk)]
 
 
 def build_rebalancer(model: nn.Module | Sequence[nn.Module], optimizer: Any,
