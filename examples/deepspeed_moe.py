@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ep_megatron.checkpoint import save_checkpoint
 from ep_megatron.config import MoEConfig
 from ep_megatron.integrations import deepspeed as ep_ds
 from ep_megatron.layer import MoELayer
@@ -29,7 +30,7 @@ class TinyModel(nn.Module):
         return self.moe(self.proj(x))[0]
 
 
-def main() -> None:
+def main(out_dir: str = "runs/deepspeed_moe_example") -> None:
     env = init_distributed()
     groups = build_groups(ep_size=2)
     config = MoEConfig(hidden_size=32, ffn_hidden_size=64, num_experts=8, top_k=2, expert_parallel_size=2,
@@ -40,13 +41,16 @@ def main() -> None:
     ds_config.update(train_micro_batch_size_per_gpu=1, gradient_clipping=1.0)  # the job's own settings
     engine, *_ = ep_ds.initialize(model, groups, lambda pg: torch.optim.AdamW(pg, lr=1e-3), ds_config)
     for step in range(5):
-        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(step * 100 + env.rank))
-        loss = engine(x).pow(2).mean()
+        gen = torch.Generator().manual_seed(step * 100 + env.rank)
+        x, target = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
+        loss = (engine(x) - target).pow(2).mean()
         engine.backward(loss)
         engine.step()
         if env.rank == 0:
             print(f"step {step} loss {loss.item():.4f} grad_norm {engine.get_global_grad_norm():.4f}")
-
+    # ZeRO state (fp32 masters, moments) saved by logical expert: loads under any EP layout or ZeRO stage
+    optimizer = ep_ds.checkpoint_optimizer(engine)
+    save_checkpoint(f"{out_dir}/ckpt", 5, model, optimizer, groups, moe_config=config)
 
 if __name__ == "__main__":
     main()
