@@ -14,6 +14,7 @@ def test_a_missing_checkpoint_is_one_error_line(tmp_path, capsys):
 
 
 def test_a_bad_config_key_is_named_before_anything_starts(tmp_path, capsys):
-    args = ["train", str(ROOT / "configs" / "tiny_cpu.yaml"), "--set", "train.stepz=1", "--run-dir", str(tmp_path)]
+    config = str(ROOT / "configs" / "tiny_cpu.yaml")
+    args = ["train", config, "--set", "train.stepz=1", "--run-dir", str(tmp_path)]
     assert main(args) == 2
     assert "unknown key(s) train.stepz" in capsys.readouterr().err
