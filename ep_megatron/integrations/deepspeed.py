@@ -85,7 +85,7 @@ class ReplicaGradHooks:
 
     def __init__(self, model: nn.Module, groups: ParallelGroups) -> None:
         self.bytes_sent = 0  # bytes this rank sent since the last take_bytes_sent()
-        self.handles: list[RemovableHandle] = []
+        self.handles: list[RemovableHandle] = []  # one per expert parameter (handle.remove() detaches)
         for layer, param in _expert_params(model).values():
             self.handles.append(param.register_hook(self._hook(layer, groups)))
 
@@ -101,10 +101,6 @@ class ReplicaGradHooks:
     def take_bytes_sent(self) -> int:
         sent, self.bytes_sent = self.bytes_sent, 0
         return sent
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 # ---- DeepSpeed groups and MoE detection ------------------------------------------------------------
@@ -345,13 +341,13 @@ class ZeroOptimizerState:
         if not keys or deepspeed_state_keys(self.engine):
             return
         zero_optimizer = self.engine.optimizer
+        if not hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
+            raise RuntimeError(f"{type(zero_optimizer).__name__} cannot link optimizer state to parameters "
+                               f"in this DeepSpeed version")
         for group in zero_optimizer.optimizer.param_groups:
             for flat in group["params"]:
                 state = {key: torch.zeros_like(flat) for key in keys}
                 self._base_state()[flat] = {"step": torch.zeros((), dtype=torch.float32), **state}
-        if not hasattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state"):
-            raise RuntimeError(f"{type(zero_optimizer).__name__} cannot link optimizer state to parameters "
-                               f"in this DeepSpeed version")
         zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
