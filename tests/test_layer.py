@@ -8,6 +8,7 @@ summed over all replicas on all ranks (no grad sync needed). One launch checks m
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -252,6 +253,30 @@ def test_bad_input_raises_on_every_rank() -> None:
         assert "placement.num_ranks=4" in messages["placement"] and "ep_size=2" in messages["placement"]
     with pytest.raises(ValueError, match="top_k=9 must be in"):
         make_config(top_k=9)
+
+
+def _bad_input_in_one_ep_group_of_ep2_dp2() -> tuple[str, float]:
+    """EP 2 x DP 2: rank 3 feeds NaN, so its EP group (ranks 2, 3) raises inside the layer and leaves (its
+    process group is torn down, as when the rank exits); ranks 0 and 1 finish the layer and enter the
+    step's data-parallel all-reduce, which must fail rather than wait. Returns (error, seconds)."""
+    groups = build_groups(2)
+    layer = MoELayer(make_config(), make_placement("model", 2), groups)
+    x = torch.randn(TOKENS, HIDDEN) * (float("nan") if groups.rank == 3 else 1.0)
+    started = time.monotonic()
+    try:
+        out, _ = layer(x)
+        dist.all_reduce(out.detach().sum().reshape(1), group=groups.dp_group)
+    except (ValueError, RuntimeError) as exc:
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - started
+    return "no error", time.monotonic() - started
+
+
+def test_bad_input_in_one_ep_group_fails_every_rank_without_hanging() -> None:
+    results = run_ranks(_bad_input_in_one_ep_group_of_ep2_dp2, 4, timeout_s=120)
+    for rank, (message, seconds) in enumerate(results):
+        assert message.startswith("RuntimeError"), (rank, message)
+        assert seconds < 60, f"rank {rank} waited {seconds:.0f}s before failing"
+    assert "NaN" in results[3][0] and "expert-parallel rank(s) [1] got bad input" in results[2][0]
 
 
 def _expert_bias_update() -> dict[str, Any]:
