@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from ep_megatron.models.gpt import GPTConfig, MoEGPT
 from ep_megatron.parallel import ParallelGroups, build_groups, init_distributed
 from ep_megatron.rebalance import RebalanceConfig, Rebalancer
 from ep_megatron.report import write_report
+from ep_megatron.router import AuxLossAutoScaler
 
 
 @dataclass
@@ -39,7 +41,8 @@ class TrainerConfig:
     """The optimisation schedule and the run's bookkeeping."""
 
     steps: int = 300  # optimizer steps in the whole run (> 0)
-    micro_batch_size: int = 4  # sequences per rank per step (> 0)
+    micro_batch_size: int = 4  # sequences per rank per forward/backward (> 0)
+    grad_accum_steps: int = 1  # micro-batches per rank per optimizer step (> 0)
     lr: float = 3e-3  # peak learning rate (> 0)
     min_lr: float = 3e-4  # learning rate at the end of the cosine decay, in [0, lr]
     warmup_steps: int = 30  # linear warmup steps, in [0, steps]
@@ -57,7 +60,7 @@ class TrainerConfig:
     deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO stage 0/1/2 settings); "" trains with torch AdamW
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "micro_batch_size", "eval_batches", "log_interval")
+        _positive(self, "steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval")
         _non_negative(self, "expert_parallel_size", "eval_interval", "checkpoint_interval", "grad_clip")
         if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"train.lr={self.lr} must be > 0 and train.min_lr={self.min_lr} in [0, lr]")
@@ -96,9 +99,10 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int | None = None) -> dict[
         raise ValueError(f"{where}: zero_optimization.stage={stage} must be 0, 1 or 2 (1 or 2 with "
                          f"train.precision='bf16')")
     owned: dict[str, Any] = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-                             "gradient_accumulation_steps": 1, "gradient_clipping": float(cfg.grad_clip)}
+                             "gradient_accumulation_steps": cfg.grad_accum_steps,
+                             "gradient_clipping": float(cfg.grad_clip)}
     if world_size is not None:
-        owned["train_batch_size"] = cfg.micro_batch_size * world_size
+        owned["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum_steps * world_size
     bf16 = {**(raw.get("bf16") or {}), "enabled": cfg.precision == "bf16"}
     for key, value in [*owned.items(), ("bf16.enabled", bf16["enabled"])]:
         section, _, field = key.partition(".")
@@ -314,30 +318,64 @@ def _all_reduce_mean(tensors: list[Tensor], groups: ParallelGroups) -> None:
         offset += t.numel()
 
 
-def _train_step(run: _Run, step: int) -> tuple[Tensor, dict[str, float]]:
-    """Forward, backward, gradient sync, clipping and the optimizer step; returns the local loss."""
+@dataclass(frozen=True)
+class StepOutput:
+    """What one optimizer step reports (this rank's view; the loop reduces loss and rows over ranks)."""
+
+    loss: Tensor  # [] mean loss over this rank's micro-batches
+    expert_rows: list[int]  # [L] rows this rank's experts computed, summed over micro-batches
+    aux_losses: dict[str, float]  # mean over MoE layers and micro-batches
+    grad_norm: float  # true global norm before clipping (NaN when clipping is off)
+    grad_sync_bytes: int  # bytes this rank sent to sum expert replicas
+
+
+def _train_step(run: _Run, step: int) -> StepOutput:
+    """``grad_accum_steps`` forward/backward passes, gradient sync, clipping and one optimizer step."""
     cfg, groups = run.config.train, run.groups
-    inputs, targets = run.data.train_batch(step, cfg.micro_batch_size, groups.rank, groups.world_size)
-    inputs, targets = inputs.to(run.device), targets.to(run.device)
-    if run.engine is not None:
-        loss, grad_norm, sync_bytes = _deepspeed_step(run, step, inputs, targets)
-    else:
-        loss, grad_norm, sync_bytes = _torch_step(run, step, inputs, targets)
+    micro = [run.data.train_batch(step * cfg.grad_accum_steps + i, cfg.micro_batch_size, groups.rank,
+                                  groups.world_size) for i in range(cfg.grad_accum_steps)]
+    micro = [(inputs.to(run.device), targets.to(run.device)) for inputs, targets in micro]
+    step_fn = _deepspeed_step if run.engine is not None else _torch_step
+    loss, rows, aux, grad_norm, sync_bytes = step_fn(run, step, micro)
     for layer in run.moe_layers:
         layer.update_expert_bias()
-    aux: dict[str, float] = {}
-    for layer in run.moe_layers:
-        for name, value in layer.last_aux_losses.items():
-            aux[name] = aux.get(name, 0.0) + value / len(run.moe_layers)
-    return loss.detach().float(), {"grad_norm": grad_norm, "grad_sync_bytes": sync_bytes, **aux}
+    return StepOutput(loss, rows, aux, grad_norm, sync_bytes)
 
 
-def _torch_step(run: _Run, step: int, inputs: Tensor, targets: Tensor) -> tuple[Tensor, float, int]:
-    """``inputs, targets [batch, seq]``: a step with our sync and AdamW -> (loss, grad norm, sync bytes)."""
+def forward_backward(moe_layers: list[MoELayer], micro: list[tuple[Tensor, Tensor]],
+                     forward: Callable[[Tensor, Tensor], Tensor], backward: Callable[[Tensor], None],
+                     ) -> tuple[Tensor, list[int], dict[str, float]]:
+    """Run ``backward(forward(inputs, targets))`` on every micro-batch ``[batch, seq]``, with the aux-loss
+    gradients scaled like the main loss (``1 / len(micro)``); return the mean loss, the expert rows per
+    layer summed over micro-batches and the aux losses averaged over layers and micro-batches."""
+    losses, rows, aux = [], [0] * len(moe_layers), {}
+    AuxLossAutoScaler.loss_scale = 1.0 / len(micro)
+    try:
+        for inputs, targets in micro:
+            loss = forward(inputs, targets)
+            backward(loss)
+            losses.append(loss.detach().float())
+            for j, layer in enumerate(moe_layers):
+                rows[j] += layer.last_expert_rows
+                for name, value in layer.last_aux_losses.items():
+                    aux[name] = aux.get(name, 0.0) + value / (len(moe_layers) * len(micro))
+    finally:
+        AuxLossAutoScaler.loss_scale = 1.0
+    return torch.stack(losses).mean(), rows, aux
+
+
+def _torch_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> tuple[Any, ...]:
+    """A step with our sync and AdamW: micro-batch gradients accumulate, then sync, clip and step."""
     cfg, groups = run.config.train, run.groups
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-        loss, _ = run.model(inputs, targets)
-    loss.backward()
+
+    def forward(inputs: Tensor, targets: Tensor) -> Tensor:
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            return run.model(inputs, targets)[0]
+
+    def backward(loss: Tensor) -> None:
+        (loss / len(micro)).backward()
+
+    loss, rows, aux = forward_backward(run.moe_layers, micro, forward, backward)
     for p in run.dense_params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -350,20 +388,24 @@ def _torch_step(run: _Run, step: int, inputs: Tensor, targets: Tensor) -> tuple[
         group["lr"] = lr_at(step, cfg)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=False)
-    return loss, grad_norm, sync_stats.bytes_sent
+    return loss, rows, aux, grad_norm, sync_stats.bytes_sent
 
 
-def _deepspeed_step(run: _Run, step: int, inputs: Tensor, targets: Tensor) -> tuple[Tensor, float, int]:
-    """The same step through the DeepSpeed engine (its reductions, ZeRO, bf16; our replica hooks and norm)."""
+def _deepspeed_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> tuple[Any, ...]:
+    """The same step through the DeepSpeed engine (its reductions, ZeRO, bf16 and accumulation
+    boundary; our replica hooks and norm). ``engine.backward`` divides by the accumulation steps."""
     engine = run.engine
     for group in engine.optimizer.param_groups:
         group["lr"] = lr_at(step, run.config.train)
-    loss, _ = engine(inputs, targets)
-    engine.backward(loss)
-    engine.step()
+
+    def backward(loss: Tensor) -> None:
+        engine.backward(loss)
+        engine.step()  # applies the update at the accumulation boundary only
+
+    loss, rows, aux = forward_backward(run.moe_layers, micro, lambda i, t: engine(i, t)[0], backward)
     norm = engine.get_global_grad_norm()
     grad_norm = float(norm) if norm is not None and run.config.train.grad_clip > 0 else float("nan")
-    return loss, grad_norm, ds_glue.replica_grad_hooks(engine).take_bytes_sent()
+    return loss, rows, aux, grad_norm, ds_glue.replica_grad_hooks(engine).take_bytes_sent()
 
 
 def _step_loads(run: _Run) -> Tensor:
@@ -373,14 +415,13 @@ def _step_loads(run: _Run) -> Tensor:
     return torch.stack([layer.take_load().cpu() for layer in run.moe_layers])
 
 
-def _reduce_step(run: _Run, loss: Tensor, stop: bool) -> tuple[float, Tensor, Tensor, bool]:
+def _reduce_step(run: _Run, out: StepOutput, stop: bool) -> tuple[float, Tensor, Tensor, bool]:
     """One all-reduce per step: mean loss, global load [L, E], rows per rank [world, L], stop flag."""
     groups, num_layers = run.groups, len(run.moe_layers)
     load = _step_loads(run).to(torch.float64) if num_layers else torch.zeros(0, 0, dtype=torch.float64)
     rows = torch.zeros(groups.world_size, num_layers, dtype=torch.float64)
-    rows[groups.rank] = torch.tensor([float(layer.last_expert_rows) for layer in run.moe_layers],
-                                     dtype=torch.float64)
-    packed = torch.cat([loss.cpu().double().view(1), torch.tensor([float(stop)], dtype=torch.float64),
+    rows[groups.rank] = torch.tensor(out.expert_rows, dtype=torch.float64)
+    packed = torch.cat([out.loss.cpu().double().view(1), torch.tensor([float(stop)], dtype=torch.float64),
                         load.flatten(), rows.flatten()])
     if dist.is_initialized():
         dist.all_reduce(packed, group=groups.dp_group)
@@ -503,13 +544,12 @@ def _optimizer_name(run: _Run) -> str:
     return f"DeepSpeed ZeRO stage {run.engine.zero_optimization_stage()} AdamW"
 
 
-def _step_record(run: _Run, step: int, loss: float, load: Tensor, rows: Tensor, extras: dict[str, float],
+def _step_record(run: _Run, step: int, loss: float, load: Tensor, rows: Tensor, out: StepOutput,
                  metrics: Any) -> dict[str, Any]:
     """The ``metrics.jsonl`` line of a training step (``step`` is 1-based: steps done)."""
     record = {
         "split": "train", "step": step, "loss": loss, "lr": lr_at(step - 1, run.config.train),
-        "aux_losses": {k: v for k, v in extras.items() if k not in ("grad_norm", "grad_sync_bytes")},
-        "grad_norm": extras["grad_norm"], "grad_sync_bytes": extras["grad_sync_bytes"],
+        "aux_losses": out.aux_losses, "grad_norm": out.grad_norm, "grad_sync_bytes": out.grad_sync_bytes,
         "expert_load": load.long().tolist(), "max_over_mean": _max_over_mean(rows, run.groups.ep_size),
         "rebalanced": metrics is not None and metrics.slots_moved > 0,
         "slots_moved": metrics.slots_moved if metrics is not None else 0,
@@ -533,16 +573,17 @@ def train(config_path: str | Path, overrides: list[str] = (),
         _write_run_info(run, str(config_path))
     logger = _Logger(run, start_step)
     cfg = config.train
-    tokens_per_step = cfg.micro_batch_size * config.data.seq_len * run.groups.world_size
+    tokens_per_step = (cfg.micro_batch_size * cfg.grad_accum_steps * config.data.seq_len
+                       * run.groups.world_size)
     step = start_step
     try:
         while step < cfg.steps:
             started = time.perf_counter()
-            loss, extras = _train_step(run, step)
+            out = _train_step(run, step)
             metrics = run.rebalancer.step() if run.rebalancer is not None else None
-            mean_loss, load, rows, stop_now = _reduce_step(run, loss, stop.requested)
+            mean_loss, load, rows, stop_now = _reduce_step(run, out, stop.requested)
             step += 1
-            record = _step_record(run, step, mean_loss, load, rows, extras, metrics)
+            record = _step_record(run, step, mean_loss, load, rows, out, metrics)
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
             logger.log(record)
             if step % cfg.log_interval == 0 or step == cfg.steps:

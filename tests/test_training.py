@@ -217,3 +217,60 @@ def test_the_job_runs_under_the_deepspeed_launcher_with_a_shipped_ds_config(tmp_
     assert info["world_size"] == 2 and info["expert_parallel_size"] == 2
     assert info["optimizer"] == "DeepSpeed ZeRO stage 1 AdamW"
     assert sorted(_train_losses(tmp_path)) == list(range(1, 7))
+
+
+def test_accumulating_a_micro_batch_twice_gives_its_gradient_aux_losses_included():
+    """Gradient accumulation divides the LM loss by the micro-batch count; the aux and z-loss gradients,
+    injected outside the loss, must be scaled the same way: two passes over one micro-batch must give
+    exactly that micro-batch's gradient (single process, balancing losses on)."""
+    import torch
+
+    from ep_megatron.config import MoEConfig
+    from ep_megatron.layer import MoELayer
+    from ep_megatron.models import GPTConfig, MoEGPT
+    from ep_megatron.parallel import ParallelGroups
+    from ep_megatron.training import forward_backward
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        gpt = GPTConfig(vocab_size=40, max_seq_len=16, hidden_size=32, num_layers=2, num_heads=4,
+                        ffn_hidden_size=64)
+        moe = MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4, top_k=2, aux_loss_coeff=0.5,
+                        z_loss_coeff=0.1, load_balancing_type="aux_loss")
+        model = MoEGPT(gpt, lambda i: MoELayer(moe, moe.placement(2), ParallelGroups.single(), i))
+        tokens = torch.randint(0, 40, (3, 17), generator=torch.Generator().manual_seed(0))
+        batch = (tokens[:, :-1], tokens[:, 1:])
+        grads = []
+        for micro in ([batch], [batch, batch]):
+            model.zero_grad(set_to_none=True)
+            loss, rows, aux = forward_backward(
+                list(model.moe_layers()), micro, lambda i, t: model(i, t)[0],
+                lambda loss: (loss / len(micro)).backward())  # noqa: B023 - called inside this iteration
+            grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+            assert rows == [3 * 16 * 2 * len(micro)] * 2 and aux["aux_loss"] > 0 and aux["z_loss"] > 0
+        router = "blocks.0.mlp.router.weight"
+        assert not torch.allclose(grads[0][router], 2 * grads[0][router])  # the aux gradient is there
+        for name, grad in grads[0].items():
+            torch.testing.assert_close(grads[1][name], grad, rtol=1e-12, atol=1e-12, msg=name)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_a_larger_micro_batch_under_torch_and_deepspeed(tmp_path):
+    """2 micro-batches of 1 sequence per step == 1 micro-batch of 2 (the same samples per step), with
+    rebalancing every 5 steps: torch AdamW and DeepSpeed ZeRO-1 (gradient_accumulation_steps=2)."""
+    extra = ["train.eval_interval=0", "train.checkpoint_interval=0"]
+    accumulate = ["train.micro_batch_size=1", "train.grad_accum_steps=2"]
+    zero1 = f"train.deepspeed_config={ROOT / 'configs' / 'ds_zero1.json'}"
+    _finish(_torchrun(tmp_path / "mbs2", 12, extra))
+    _finish(_torchrun(tmp_path / "accum2", 12, [*extra, *accumulate]))
+    _finish(_torchrun(tmp_path / "accum2_zero1", 12, [*extra, *accumulate, zero1]))
+    reference = _train_losses(tmp_path / "mbs2")
+    for run in ("accum2", "accum2_zero1"):
+        losses = _train_losses(tmp_path / run)
+        assert sorted(losses) == list(range(1, 13))
+        for step in range(1, 13):
+            assert losses[step] == pytest.approx(reference[step], rel=1e-5), (run, step)
+    records = [json.loads(line) for line in (tmp_path / "accum2" / "metrics.jsonl").open()]
+    assert all(sum(r["expert_load"][0]) == 2 * 2 * 32 * 2 for r in records if r["split"] == "train")
