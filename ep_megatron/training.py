@@ -335,11 +335,10 @@ def _train_step(run: _Run, step: int) -> StepOutput:
     micro = [run.data.train_batch(step * cfg.grad_accum_steps + i, cfg.micro_batch_size, groups.rank,
                                   groups.world_size) for i in range(cfg.grad_accum_steps)]
     micro = [(inputs.to(run.device), targets.to(run.device)) for inputs, targets in micro]
-    step_fn = _deepspeed_step if run.engine is not None else _torch_step
-    loss, rows, aux, grad_norm, sync_bytes = step_fn(run, step, micro)
+    out = (_deepspeed_step if run.engine is not None else _torch_step)(run, step, micro)
     for layer in run.moe_layers:
         layer.update_expert_bias()
-    return StepOutput(loss, rows, aux, grad_norm, sync_bytes)
+    return out
 
 
 def forward_backward(moe_layers: list[MoELayer], micro: list[tuple[Tensor, Tensor]],
@@ -364,7 +363,7 @@ def forward_backward(moe_layers: list[MoELayer], micro: list[tuple[Tensor, Tenso
     return torch.stack(losses).mean(), rows, aux
 
 
-def _torch_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> tuple[Any, ...]:
+def _torch_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> StepOutput:
     """A step with our sync and AdamW: micro-batch gradients accumulate, then sync, clip and step."""
     cfg, groups = run.config.train, run.groups
 
@@ -388,10 +387,10 @@ def _torch_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> tup
         group["lr"] = lr_at(step, cfg)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=False)
-    return loss, rows, aux, grad_norm, sync_stats.bytes_sent
+    return StepOutput(loss, rows, aux, grad_norm, sync_stats.bytes_sent)
 
 
-def _deepspeed_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> tuple[Any, ...]:
+def _deepspeed_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> StepOutput:
     """The same step through the DeepSpeed engine (its reductions, ZeRO, bf16 and accumulation
     boundary; our replica hooks and norm). ``engine.backward`` divides by the accumulation steps."""
     engine = run.engine
@@ -405,7 +404,7 @@ def _deepspeed_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) ->
     loss, rows, aux = forward_backward(run.moe_layers, micro, lambda i, t: engine(i, t)[0], backward)
     norm = engine.get_global_grad_norm()
     grad_norm = float(norm) if norm is not None and run.config.train.grad_clip > 0 else float("nan")
-    return loss, rows, aux, grad_norm, ds_glue.replica_grad_hooks(engine).take_bytes_sent()
+    return StepOutput(loss, rows, aux, grad_norm, ds_glue.replica_grad_hooks(engine).take_bytes_sent())
 
 
 def _step_loads(run: _Run) -> Tensor:

@@ -37,7 +37,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ep_megatron.grad_sync import clip_grad_norm_, optimizer_param_groups, sync_replica_grads
+from ep_megatron.grad_sync import (
+    clip_grad_norm_,
+    expert_params,
+    moe_layers,
+    optimizer_param_groups,
+    sync_replica_grads,
+)
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import ParallelGroups
 from ep_megatron.rebalance import deepspeed_state_keys
@@ -47,8 +53,7 @@ ParamGroups = list[dict[str, Any]]
 
 def _expert_params(model: nn.Module) -> dict[int, tuple[MoELayer, nn.Parameter]]:
     """``id(param) -> (layer, param)`` for the stacked expert parameters ``[local_slots, ...]``."""
-    return {id(p): (layer, p) for layer in model.modules() if isinstance(layer, MoELayer)
-            for p in layer.experts.parameters()}
+    return {id(p): (layer, p) for layer in moe_layers(model) for p in expert_params(layer)}
 
 
 def expert_group_name(model: nn.Module) -> str:
