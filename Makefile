@@ -11,7 +11,7 @@ setup:
 
 train: setup
 	OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu .venv/bin/torchrun --standalone --nproc_per_node $(NPROC) \
-		-m ep_megatron.cli train $(CONFIG) --run-dir $(RUN_DIR)
+		-m ep_megatron train $(CONFIG) --run-dir $(RUN_DIR)
 
 test: setup
 	.venv/bin/ruff check .

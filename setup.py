@@ -30,5 +30,5 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff", "tokenizers"],
         "hf": ["tokenizers"],
     },
-    entry_points={"console_scripts": ["ep-megatron=ep_megatron.cli:main"]},
+    entry_points={"console_scripts": ["ep-megatron=ep_megatron.trainer.cli:main"]},
 )

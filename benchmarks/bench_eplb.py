@@ -1,4 +1,4 @@
-"""Benchmark ``ep_megatron.eplb`` side by side with DeepSeek's reference EPLB on the same loads.
+"""Benchmark ``ep_megatron.placement.eplb`` side by side with DeepSeek's reference EPLB on the same loads.
 
 The reference is not vendored: its file ``sglang/srt/eplb/eplb_algorithms/deepseek.py`` (DeepSeek's
 ``eplb.py``, it only needs torch) is taken from the sglang wheel, downloaded with
@@ -32,7 +32,7 @@ from types import ModuleType
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ep_megatron.eplb import balancedness, moved_copies, rebalance_experts  # noqa: E402
+from ep_megatron.placement.eplb import balancedness, moved_copies, rebalance_experts  # noqa: E402
 
 REFERENCE_VERSIONS = ("0.5.23",)  # tried first; otherwise the newest versions `pip index` lists
 REFERENCE_FILE = "sglang/srt/eplb/eplb_algorithms/deepseek.py"

@@ -5,7 +5,7 @@ rank, 2 gloo ranks with one thread each, fp32), same router weight and tokens. M
 over iterations of the slowest rank's wall time of one forward+backward (loss ``(out * g).sum()``):
 
 - ``ours``: our layer, dropless, ``model`` placement (and, under skew, a ``dynamic`` placement planned by
-  ``ep_megatron.eplb`` from the measured load with 2 redundant slots);
+  ``ep_megatron.placement.eplb`` from the measured load with 2 redundant slots);
 - ``deepspeed_dropless``: ``MoE(drop_tokens=False)`` (pads every expert to the largest expert's count);
 - ``deepspeed_cf1``: ``MoE(capacity_factor=1.0)`` (drops tokens);
 - ``gemm``: the same expert MLPs over ``tokens * top_k`` rows per rank split evenly over the local
@@ -164,8 +164,8 @@ def _dynamic_placement(router: Any, x: Any) -> Any:
     import torch
     import torch.distributed as dist
 
-    from ep_megatron.eplb import rebalance_experts
     from ep_megatron.placement import ExpertPlacement
+    from ep_megatron.placement.eplb import rebalance_experts
 
     probe = _ours(ExpertPlacement.model(1, EXPERTS, RANKS), router)
     with torch.no_grad():

@@ -80,11 +80,11 @@ def _train(mode: str, num_steps: int) -> dict[str, Any]:
     from torch import nn
 
     from ep_megatron.config import MoEConfig
-    from ep_megatron.grad_sync import ExpertGradSync
     from ep_megatron.layer import MoELayer
     from ep_megatron.parallel import build_groups
+    from ep_megatron.parallel.grad_sync import ExpertGradSync
     from ep_megatron.placement import ExpertPlacement
-    from ep_megatron.rebalance import RebalanceConfig, Rebalancer
+    from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer
 
     world_size = dist.get_world_size()
     groups = build_groups(world_size)

@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ep_megatron.checkpoint import save_checkpoint
 from ep_megatron.config import MoEConfig
 from ep_megatron.integrations import deepspeed as ep_ds
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import build_groups, init_distributed
 from ep_megatron.placement import ExpertPlacement
+from ep_megatron.services.checkpoint import save_checkpoint
 
 
 class TinyModel(nn.Module):

@@ -3,7 +3,7 @@
 
 import sys
 
-from ep_megatron.cli import main
+from ep_megatron.trainer.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

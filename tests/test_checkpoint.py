@@ -28,14 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ep_megatron import checkpoint as ckpt
-from ep_megatron.ckpt_cli import add_ckpt_subcommands
 from ep_megatron.config import MoEConfig
-from ep_megatron.grad_sync import ExpertGradSync
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import ParallelGroups, build_groups
+from ep_megatron.parallel.grad_sync import ExpertGradSync
 from ep_megatron.placement import ExpertPlacement
-from ep_megatron.rebalance import RebalanceConfig, Rebalancer
+from ep_megatron.services import checkpoint as ckpt
+from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer
+from ep_megatron.trainer.ckpt_cli import add_ckpt_subcommands
 from tests.multirank import run_ranks
 
 HIDDEN, FFN, NUM_EXPERTS, NUM_LAYERS, VOCAB = 16, 8, 4, 2, 32
@@ -400,7 +400,7 @@ def test_damaged_file_is_detected(tmp_path: Path, damage: str) -> None:
 
 _SAVER = textwrap.dedent("""
     import sys, torch
-    from ep_megatron import checkpoint as ckpt
+    from ep_megatron.services import checkpoint as ckpt
     from ep_megatron.parallel import ParallelGroups
     from tests.test_checkpoint import _single, _save_single
     model, optimizer = _single()

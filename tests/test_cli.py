@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ep_megatron.cli import main
+from ep_megatron.trainer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

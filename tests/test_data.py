@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ep_megatron.data import (
+from ep_megatron.trainer.data import (
     BYTE_EOD_ID,
     DataConfig,
     PackedTokens,

@@ -183,9 +183,9 @@ def _zero_checkpoint_round_trip(root: str, bf16: bool) -> list[str]:
     EDP 2 that has never stepped; every master and moment of every logical expert must be equal."""
     import torch.distributed as dist
 
-    from ep_megatron.checkpoint import load_checkpoint, save_checkpoint
     from ep_megatron.integrations import deepspeed as ds_glue
     from ep_megatron.parallel import build_groups
+    from ep_megatron.services.checkpoint import load_checkpoint, save_checkpoint
 
     groups = build_groups(2)
     model = TinyMoEModel(2, groups, "dynamic", 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ep_megatron.dispatcher import TokenDispatcher, _AllToAll
+from ep_megatron.layer.dispatcher import TokenDispatcher, _AllToAll
 from ep_megatron.placement import ExpertPlacement
 from tests.multirank import run_ranks
 

@@ -1,5 +1,5 @@
-"""Tests of the expert-parallel load balancer (``ep_megatron.eplb``): invariants on seeded random inputs,
-the effect of ``previous``, the metrics, and input validation."""
+"""Tests of the expert-parallel load balancer (``ep_megatron.placement.eplb``): invariants on seeded random
+inputs, the effect of ``previous``, the metrics, and input validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from ep_megatron.eplb import balancedness, gpu_loads, moved_copies, rebalance_experts
+from ep_megatron.placement.eplb import balancedness, gpu_loads, moved_copies, rebalance_experts
 
 
 def random_case(seed: int) -> dict:

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ep_megatron.grad_sync import (
+from ep_megatron.parallel import ParallelGroups, build_groups
+from ep_megatron.parallel.grad_sync import (
     ExpertGradSync,
     LayerGrads,
     clip_grad_norm_,
@@ -21,7 +22,6 @@ from ep_megatron.grad_sync import (
     sync_layers,
     sync_replica_grads,
 )
-from ep_megatron.parallel import ParallelGroups, build_groups
 from ep_megatron.placement import ExpertPlacement
 from tests.multirank import run_ranks
 

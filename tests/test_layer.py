@@ -329,7 +329,7 @@ def test_init_is_by_logical_id_whatever_the_placement() -> None:
 def test_grouped_gemm_equals_per_slot_loop(dtype: torch.dtype) -> None:
     """The ``torch._grouped_mm`` path (aligned widths, zero-padded rows) equals the per-slot loop,
     forward and backward, with empty slots and row counts that are not a multiple of 16."""
-    from ep_megatron.experts import GroupedExperts, _grouped_mm_usable
+    from ep_megatron.layer.experts import GroupedExperts, _grouped_mm_usable
 
     cfg = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=2)
     experts = GroupedExperts(cfg, 4, group_name="ep_size_1").to(dtype)

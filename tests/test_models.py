@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ep_megatron.models import GPTConfig, MoEGPT
+from ep_megatron.trainer.model import GPTConfig, MoEGPT
 
 TINY = dict(vocab_size=50, max_seq_len=16, hidden_size=32, num_layers=4, num_heads=4, ffn_hidden_size=64)
 

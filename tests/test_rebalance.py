@@ -15,7 +15,7 @@ from torch import nn
 
 from ep_megatron.parallel import ParallelGroups, build_groups
 from ep_megatron.placement import ExpertPlacement
-from ep_megatron.rebalance import RebalanceConfig, Rebalancer, migrate_rows
+from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer, migrate_rows
 from tests.multirank import run_ranks
 
 # ---- a layer stand-in: stacked rows initialised by logical id, scripted loads -----------------------
@@ -316,8 +316,8 @@ def _invariance_run(ep_size: int, strategy: str, num_redundant: int, interval: i
     a relative check on near-zero moments. In fp64 both runs agree to the bit.
     """
     from ep_megatron.config import MoEConfig
-    from ep_megatron.grad_sync import ExpertGradSync
     from ep_megatron.layer import MoELayer
+    from ep_megatron.parallel.grad_sync import ExpertGradSync
 
     groups = build_groups(ep_size)
     config = MoEConfig(hidden_size=INV_HIDDEN, ffn_hidden_size=INV_FFN, num_experts=INV_EXPERTS, top_k=2,

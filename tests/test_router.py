@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ep_megatron.config import MoEConfig
-from ep_megatron.router import TopKRouter, check_logits
+from ep_megatron.layer.router import TopKRouter, check_logits
 from tests.reference import dense_moe_reference
 
 HIDDEN, EXPERTS, TOKENS = 6, 8, 20

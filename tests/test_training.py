@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ep_megatron.training import deepspeed_config, load_config, lr_at, moe_config
+from ep_megatron.trainer.loop import deepspeed_config, load_config, lr_at, moe_config
 from tests.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def test_the_train_section_completes_a_shipped_deepspeed_config():
 def _torchrun(run_dir: Path, steps: int, extra: list[str], nproc: int = 2) -> subprocess.Popen:
     sets = [arg for item in [*TINY, f"train.steps={steps}", *extra] for arg in ("--set", item)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "ep_megatron.cli", "train", str(ROOT / "configs" / "tiny_cpu.yaml"),
+               "-m", "ep_megatron", "train", str(ROOT / "configs" / "tiny_cpu.yaml"),
                "--run-dir", str(run_dir), *sets]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -227,9 +227,9 @@ def test_accumulating_a_micro_batch_twice_gives_its_gradient_aux_losses_included
 
     from ep_megatron.config import MoEConfig
     from ep_megatron.layer import MoELayer
-    from ep_megatron.models import GPTConfig, MoEGPT
     from ep_megatron.parallel import ParallelGroups
-    from ep_megatron.training import forward_backward
+    from ep_megatron.trainer.loop import forward_backward
+    from ep_megatron.trainer.model import GPTConfig, MoEGPT
 
     torch.set_default_dtype(torch.float64)
     try:

@@ -3,7 +3,7 @@
 Who reduces what (each gradient element is reduced exactly once):
 
 - **replicas** (our part): a tensor hook on every expert parameter sums the gradient rows of all replicas
-  of each logical expert over the expert-parallel group with :mod:`ep_megatron.grad_sync` (its EDP
+  of each logical expert over the expert-parallel group with :mod:`ep_megatron.parallel.grad_sync` (its EDP
   reduction switched off), before DeepSpeed sees the gradient. It runs inside backward, so ZeRO-2's
   reduce hooks see summed rows too.
 - **expert data parallelism** (DeepSpeed's part): our expert-parallel and expert-data-parallel groups are
@@ -17,8 +17,8 @@ Who reduces what (each gradient element is reduced exactly once):
 
 Checkpoints: :func:`checkpoint_optimizer` presents a ZeRO optimizer per model parameter (full fp32
 master and optimizer-state tensors, gathered with DeepSpeed's public ``safe_*_full_*`` helpers), so
-:mod:`ep_megatron.checkpoint` saves it by logical expert, like a torch optimizer, and a run resumes under
-another EP size, placement or ZeRO stage.
+:mod:`ep_megatron.services.checkpoint` saves it by logical expert, like a torch optimizer, and a run
+resumes under another EP size, placement or ZeRO stage.
 
 Usage (instead of ``deepspeed.initialize(model=..., optimizer=..., config=...)``)::
 
@@ -37,16 +37,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ep_megatron.grad_sync import (
+from ep_megatron.layer import MoELayer
+from ep_megatron.parallel import ParallelGroups
+from ep_megatron.parallel.grad_sync import (
     clip_grad_norm_,
     expert_params,
     moe_layers,
     optimizer_param_groups,
     sync_replica_grads,
 )
-from ep_megatron.layer import MoELayer
-from ep_megatron.parallel import ParallelGroups
-from ep_megatron.rebalance import deepspeed_state_keys
+from ep_megatron.services.rebalance import deepspeed_state_keys
 
 ParamGroups = list[dict[str, Any]]
 
@@ -65,7 +65,7 @@ def expert_group_name(model: nn.Module) -> str:
 
 
 def param_groups(model: nn.Module, weight_decay: float | None = None) -> ParamGroups:
-    """:func:`~ep_megatron.grad_sync.optimizer_param_groups` with the expert group in DeepSpeed's MoE group.
+    """``optimizer_param_groups`` (grad_sync) with the expert group in DeepSpeed's MoE group.
 
     The expert group has ``moe=True`` and ``name=group_name``, DeepSpeed's markers for a group reduced and
     partitioned over the expert-data-parallel group. ``weight_decay=None`` leaves the optimizer's default.
@@ -81,7 +81,7 @@ def param_groups(model: nn.Module, weight_decay: float | None = None) -> ParamGr
 class ReplicaGradHooks:
     """Sum every expert gradient ``[local_slots, ...]`` over the replicas of each logical expert.
 
-    A tensor hook per expert parameter runs :func:`~ep_megatron.grad_sync.sync_replica_grads` with
+    A tensor hook per expert parameter runs :func:`~ep_megatron.parallel.grad_sync.sync_replica_grads` with
     ``reduce_edp=False`` and scale 1 inside backward, before any DeepSpeed hook: DeepSpeed then reduces
     over the EDP group and divides by the data-parallel world size. Hooks fire in the same autograd order
     on every rank, so every rank enters the same collectives; an expert parameter always joins the graph
@@ -357,9 +357,8 @@ class ZeroOptimizerState:
 
 
 def checkpoint_optimizer(engine: Any) -> Any:
-    """The optimizer to pass to :func:`~ep_megatron.checkpoint.save_checkpoint` / ``load_checkpoint`` for
-    an engine built by :func:`initialize`: the torch optimizer itself (ZeRO 0, fp32), else a
-    :class:`ZeroOptimizerState`."""
+    """The optimizer to pass to ``save_checkpoint`` / ``load_checkpoint`` for an engine built by
+    :func:`initialize`: the torch optimizer itself (ZeRO 0, fp32), else a :class:`ZeroOptimizerState`."""
     wrapper = type(engine.optimizer).__name__
     if wrapper in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
         return ZeroOptimizerState(engine, _marker(engine).model_param_groups)

@@ -23,9 +23,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ep_megatron.config import MoEConfig
-from ep_megatron.grad_sync import moe_layers
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import ParallelGroups, build_groups
+from ep_megatron.parallel.grad_sync import moe_layers
 from ep_megatron.placement import ExpertPlacement
 
 # Megatron TransformerConfig field -> MoEConfig field, copied as is.
@@ -402,7 +402,7 @@ def ep_moe_layers(model: nn.Module | Sequence[nn.Module]) -> list[MoELayer]:
 
 def build_rebalancer(model: nn.Module | Sequence[nn.Module], optimizer: Any,
                      args: argparse.Namespace) -> Any | None:
-    """The :class:`~ep_megatron.rebalance.Rebalancer` for ``--eplb-interval`` (None when it is 0).
+    """The :class:`~ep_megatron.services.rebalance.Rebalancer` for ``--eplb-interval`` (None when it is 0).
 
     Hook-up in Megatron-LM's ``pretrain()`` (two lines)::
 
@@ -413,7 +413,7 @@ def build_rebalancer(model: nn.Module | Sequence[nn.Module], optimizer: Any,
     optimizer's own parameters (fp32 training without the distributed optimizer); otherwise the
     Rebalancer raises, since it could not migrate their state.
     """
-    from ep_megatron.rebalance import RebalanceConfig, Rebalancer
+    from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer
 
     if args.eplb_interval <= 0:
         return None

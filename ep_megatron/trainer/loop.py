@@ -1,7 +1,7 @@
 """The pretraining job behind ``ep-megatron train``: an MoE GPT on real text, with rebalancing,
 checkpoints with auto-resume, metrics, validation and a final report.
 
-Launch with ``torchrun --nproc_per_node N -m ep_megatron.cli train CONFIG.yaml``, with the
+Launch with ``torchrun --nproc_per_node N -m ep_megatron train CONFIG.yaml``, with the
 ``deepspeed`` launcher, or as a single process. Every rank runs the same loop; all collectives of a
 step are entered by every rank in the same order.
 """
@@ -23,17 +23,22 @@ import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
 
-from ep_megatron.checkpoint import OptimizerLike, latest_checkpoint, load_checkpoint, save_checkpoint
 from ep_megatron.config import MoEConfig
-from ep_megatron.data import DataConfig, PackedTokens, build_data
-from ep_megatron.grad_sync import ExpertGradSync, clip_grad_norm_, expert_params, optimizer_param_groups
 from ep_megatron.integrations import deepspeed as ds_glue
 from ep_megatron.layer import MoELayer
-from ep_megatron.models.gpt import GPTConfig, MoEGPT
+from ep_megatron.layer.router import AuxLossAutoScaler
 from ep_megatron.parallel import ParallelGroups, build_groups, init_distributed
-from ep_megatron.rebalance import RebalanceConfig, Rebalancer
-from ep_megatron.report import write_report
-from ep_megatron.router import AuxLossAutoScaler
+from ep_megatron.parallel.grad_sync import (
+    ExpertGradSync,
+    clip_grad_norm_,
+    expert_params,
+    optimizer_param_groups,
+)
+from ep_megatron.services.checkpoint import OptimizerLike, latest_checkpoint, load_checkpoint, save_checkpoint
+from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer
+from ep_megatron.trainer.data import DataConfig, PackedTokens, build_data
+from ep_megatron.trainer.model import GPTConfig, MoEGPT
+from ep_megatron.trainer.report import write_report
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 The training loop calls :meth:`Rebalancer.step` once per optimizer step on every rank, after
 ``optimizer.step()`` and ``zero_grad()``. Every ``interval`` steps (after ``warmup``) the summed load
-window is all-reduced once, rank 0 plans with :func:`ep_megatron.eplb.rebalance_experts` and broadcasts
-``phy2log [L, P]``, and every rank migrates the rows of the slots whose logical expert changes (expert
-weights, every per-element optimizer state tensor, fp32 master rows under DeepSpeed mixed precision)
+window is all-reduced once, rank 0 plans with :func:`ep_megatron.placement.eplb.rebalance_experts` and
+broadcasts ``phy2log [L, P]``, and every rank migrates the rows of the slots whose logical expert changes
+(expert weights, every per-element optimizer state tensor, fp32 master rows under DeepSpeed mixed precision)
 with one ``all_to_all_single`` per layer over the expert-parallel group. Only then does the new
 placement become active on every layer. Dropless training math does not depend on the placement, so
 rebalancing changes speed, never the losses.
@@ -25,9 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ep_megatron import eplb
 from ep_megatron.parallel import ParallelGroups
-from ep_megatron.placement import ExpertPlacement, Transfer
+from ep_megatron.placement import ExpertPlacement, Transfer, eplb
 
 logger = logging.getLogger(__name__)
 

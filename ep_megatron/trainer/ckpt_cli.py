@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ep_megatron import checkpoint as ckpt
-from ep_megatron.eplb import layer_balancedness
 from ep_megatron.placement import ExpertPlacement
+from ep_megatron.placement.eplb import layer_balancedness
+from ep_megatron.services import checkpoint as ckpt
 
 CONVERT_TARGETS = ("deepspeed", "safetensors", "torch", "ep-megatron")
 

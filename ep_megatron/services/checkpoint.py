@@ -44,9 +44,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from ep_megatron.grad_sync import named_moe_layers
 from ep_megatron.layer import MoELayer
 from ep_megatron.parallel import ParallelGroups
+from ep_megatron.parallel.grad_sync import named_moe_layers
 from ep_megatron.placement import ExpertPlacement
 
 with warnings.catch_warnings():

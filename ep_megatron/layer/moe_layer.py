@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from ep_megatron.config import MoEConfig
-from ep_megatron.dispatcher import TokenDispatcher
-from ep_megatron.experts import GroupedExperts, expert_activation
+from ep_megatron.layer.dispatcher import TokenDispatcher
+from ep_megatron.layer.experts import GroupedExperts, expert_activation
+from ep_megatron.layer.router import TopKRouter, check_logits
 from ep_megatron.parallel import ParallelGroups
 from ep_megatron.placement import ExpertPlacement
-from ep_megatron.router import TopKRouter, check_logits
 
 _ROUTER_STREAM, _SHARED_STREAM, _EXPERT_STREAM = 0, 1, 2
 

@@ -9,21 +9,21 @@ from ep_megatron.version import __version__
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from ep_megatron.training import train
+    from ep_megatron.trainer.loop import train
 
     train(args.config, args.set, args.run_dir)
     return 0
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from ep_megatron.report import write_report
+    from ep_megatron.trainer.report import write_report
 
     print(f"report written to {write_report(args.run_dir)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ep_megatron.ckpt_cli import add_ckpt_subcommands
+    from ep_megatron.trainer.ckpt_cli import add_ckpt_subcommands
 
     parser = argparse.ArgumentParser(
         prog="ep-megatron",

@@ -1,0 +1,1 @@
+"""Services that act on a model's MoE layers: rebalancing and layout-free checkpoints."""
