@@ -81,10 +81,12 @@ def _train(mode: str, num_steps: int) -> dict[str, Any]:
 
     from ep_megatron.config import MoEConfig
     from ep_megatron.layer import MoELayer
+    from ep_megatron.layer.moe_layers import MoELayers
     from ep_megatron.parallel import build_groups
     from ep_megatron.parallel.grad_sync import ExpertGradSync
     from ep_megatron.placement import ExpertPlacement
     from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer
+    from ep_megatron.trainer.step import optimizer_step
 
     world_size = dist.get_world_size()
     groups = build_groups(world_size)
@@ -99,13 +101,11 @@ def _train(mode: str, num_steps: int) -> dict[str, Any]:
     model.head = nn.Linear(HIDDEN, 1)
     timers = [_ExpertTimer(layer.experts) for layer in model.layers]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sync = ExpertGradSync(model, groups)
+    moe = MoELayers(model)
+    sync = ExpertGradSync(moe)
     rebalancer = None
     if mode == "dynamic":
-        rebalancer = Rebalancer(list(model.layers), optimizer, groups,
-                                RebalanceConfig(interval=INTERVAL, window=INTERVAL,
-                                                num_redundant_experts=num_redundant))
-    expert_ids = {id(p) for layer in model.layers for p in layer.experts.parameters()}
+        rebalancer = Rebalancer(moe, optimizer, RebalanceConfig(interval=INTERVAL, window=INTERVAL))
     steps = []
     for step in range(num_steps):
         gen = torch.Generator().manual_seed(step * world_size + groups.rank)
@@ -122,13 +122,7 @@ def _train(mode: str, num_steps: int) -> dict[str, Any]:
             hidden = hidden + layer(hidden)[0]
         loss = model.head(hidden).pow(2).mean()
         loss.backward()
-        sync.sync_grads()
-        for p in model.parameters():
-            if id(p) not in expert_ids and p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= world_size
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        optimizer_step(moe, optimizer, sync)
         step_s, step_cpu_s = time.perf_counter() - start, time.thread_time() - start_cpu
         metrics = rebalancer.step() if rebalancer is not None else None
         cpu, tokens = zip(*(t.take() for t in timers))

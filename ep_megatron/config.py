@@ -1,7 +1,9 @@
 """``MoEConfig``: the math and the sharding of one MoE layer, validated on construction.
 
 Field names follow Megatron-Core's ``moe_*`` options where one exists (``moe_router_topk`` -> ``top_k``,
-...); ``integrations/megatron.py`` maps them. Every ``ValueError`` names the field and its allowed range.
+...); ``ep_megatron.integrations.megatron.moe_config_from_megatron`` maps them. The expert-parallel size
+is not a field: it is the size of the groups the layers are built with. Every ``ValueError`` names the
+field and its allowed range.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ class MoEConfig:
     sharding_strategy: str = "model"  # initial placement: "data", "model", "hybrid" or "dynamic"
     replicated_experts: tuple[int, ...] = ()  # hybrid: logical experts replicated on every rank
     num_redundant_experts: int = 0  # dynamic: extra physical slots beyond num_experts
-    expert_parallel_size: int = 1  # EP size the integrations build groups with (the layer reads groups)
     router_dtype: str | None = "fp32"  # router logits and probs: "fp32", "fp64" or None (input dtype)
     prefer_local_replica: bool = True  # send a token to a replica on its own rank when one exists
     init_std: float = 0.02  # std of the normal init of router, expert and shared-expert weights
@@ -115,8 +116,6 @@ class MoEConfig:
     def _check_sharding(self) -> None:
         if self.sharding_strategy not in STRATEGIES:
             raise ValueError(f"sharding_strategy={self.sharding_strategy!r} must be one of {STRATEGIES}")
-        if self.expert_parallel_size < 1:
-            raise ValueError(f"expert_parallel_size={self.expert_parallel_size} must be >= 1")
         bad = [e for e in self.replicated_experts if not 0 <= e < self.num_experts]
         if bad or len(set(self.replicated_experts)) != len(self.replicated_experts):
             raise ValueError(
@@ -130,13 +129,6 @@ class MoEConfig:
         if self.num_redundant_experts and self.sharding_strategy != "dynamic":
             raise ValueError("num_redundant_experts is only used by sharding_strategy='dynamic'")
 
-    @classmethod
-    def from_megatron(cls, transformer_config: object, **ep_options: object) -> MoEConfig:
-        """From a Megatron ``TransformerConfig`` plus our own fields; see ``integrations.megatron``."""
-        from ep_megatron.integrations.megatron import moe_config_from_megatron
-
-        return moe_config_from_megatron(transformer_config, **ep_options)
-
     @property
     def fc1_out(self) -> int:
         """Rows of an expert's fc1 weight: ``2 * ffn`` for SwiGLU (gate rows, then up rows), else ``ffn``."""
@@ -148,10 +140,10 @@ class MoEConfig:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def placement(self, num_moe_layers: int, num_nodes: int = 1) -> ExpertPlacement:
-        """The initial placement of ``sharding_strategy`` for ``num_moe_layers`` layers."""
+    def placement(self, num_moe_layers: int, ep_size: int, num_nodes: int = 1) -> ExpertPlacement:
+        """The initial placement of ``sharding_strategy``: ``num_moe_layers`` layers on ``ep_size`` ranks."""
         return ExpertPlacement.build(
-            self.sharding_strategy, num_moe_layers, self.num_experts, self.expert_parallel_size,
+            self.sharding_strategy, num_moe_layers, self.num_experts, ep_size,
             replicated_experts=self.replicated_experts, num_redundant=self.num_redundant_experts,
             num_nodes=num_nodes,
         )

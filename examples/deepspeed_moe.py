@@ -15,6 +15,7 @@ from torch import nn
 from ep_megatron.config import MoEConfig
 from ep_megatron.integrations import deepspeed as ep_ds
 from ep_megatron.layer import MoELayer
+from ep_megatron.layer.moe_layers import MoELayers
 from ep_megatron.parallel import build_groups, init_distributed
 from ep_megatron.placement import ExpertPlacement
 from ep_megatron.services.checkpoint import save_checkpoint
@@ -33,13 +34,13 @@ class TinyModel(nn.Module):
 def main(out_dir: str = "runs/deepspeed_moe_example") -> None:
     env = init_distributed()
     groups = build_groups(ep_size=2)
-    config = MoEConfig(hidden_size=32, ffn_hidden_size=64, num_experts=8, top_k=2, expert_parallel_size=2,
+    config = MoEConfig(hidden_size=32, ffn_hidden_size=64, num_experts=8, top_k=2,
                        sharding_strategy="dynamic", num_redundant_experts=2)
-    placement = ExpertPlacement.build("dynamic", 1, 8, 2, num_redundant=2)
-    model = TinyModel(config, placement, groups)
+    model = TinyModel(config, config.placement(1, groups.ep_size), groups)
+    moe = MoELayers(model)
     ds_config = json.loads((Path(__file__).parent.parent / "configs" / "ds_zero2.json").read_text())
     ds_config.update(train_micro_batch_size_per_gpu=1, gradient_clipping=1.0)  # the job's own settings
-    engine, *_ = ep_ds.initialize(model, groups, lambda pg: torch.optim.AdamW(pg, lr=1e-3), ds_config)
+    engine, *_ = ep_ds.initialize(moe, lambda pg: torch.optim.AdamW(pg, lr=1e-3), ds_config)
     for step in range(5):
         gen = torch.Generator().manual_seed(step * 100 + env.rank)
         x, target = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
@@ -50,7 +51,7 @@ def main(out_dir: str = "runs/deepspeed_moe_example") -> None:
             print(f"step {step} loss {loss.item():.4f} grad_norm {engine.get_global_grad_norm():.4f}")
     # ZeRO state (fp32 masters, moments) saved by logical expert: loads under any EP layout or ZeRO stage
     optimizer = ep_ds.checkpoint_optimizer(engine)
-    save_checkpoint(f"{out_dir}/ckpt", 5, model, optimizer, groups, moe_config=config)
+    save_checkpoint(f"{out_dir}/ckpt", 5, moe, optimizer)
 
 if __name__ == "__main__":
     main()

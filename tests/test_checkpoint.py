@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,12 +31,15 @@ from torch import nn
 
 from ep_megatron.config import MoEConfig
 from ep_megatron.layer import MoELayer
+from ep_megatron.layer.moe_layers import MoELayers
 from ep_megatron.parallel import ParallelGroups, build_groups
 from ep_megatron.parallel.grad_sync import ExpertGradSync
 from ep_megatron.placement import ExpertPlacement
 from ep_megatron.services import checkpoint as ckpt
+from ep_megatron.services.checkpoint.files import file_entries
 from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer
 from ep_megatron.trainer.ckpt_cli import add_ckpt_subcommands
+from ep_megatron.trainer.step import optimizer_step
 from tests.multirank import run_ranks
 
 HIDDEN, FFN, NUM_EXPERTS, NUM_LAYERS, VOCAB = 16, 8, 4, 2, 32
@@ -45,11 +49,10 @@ EVAL_STEP = 1000  # batch seed of the logits comparison
 
 
 def moe_config(hidden: int = HIDDEN, num_experts: int = NUM_EXPERTS, strategy: str = "model",
-               ep_size: int = 1, num_redundant: int = 0) -> MoEConfig:
+               num_redundant: int = 0) -> MoEConfig:
     return MoEConfig(hidden_size=hidden, ffn_hidden_size=FFN, num_experts=num_experts, top_k=2,
                      enable_expert_bias=True, expert_bias_update_rate=1e-2, init_std=0.3,
-                     sharding_strategy=strategy, expert_parallel_size=ep_size,
-                     num_redundant_experts=num_redundant)
+                     sharding_strategy=strategy, num_redundant_experts=num_redundant)
 
 
 class TinyMoE(nn.Module):
@@ -82,29 +85,20 @@ def batch(step: int, rank: int, world_size: int) -> torch.Tensor:
 
 def build(strategy: str, ep_size: int, num_redundant: int = 0):
     groups = build_groups(ep_size)
-    config = moe_config(strategy=strategy, ep_size=ep_size, num_redundant=num_redundant)
-    model = TinyMoE(config, config.placement(NUM_LAYERS), groups)
+    config = moe_config(strategy=strategy, num_redundant=num_redundant)
+    model = TinyMoE(config, config.placement(NUM_LAYERS, ep_size), groups)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    return groups, config, model, optimizer
+    return groups, config, MoELayers(model), optimizer
 
 
-def train_step(model: TinyMoE, optimizer: torch.optim.Optimizer, sync: ExpertGradSync,
-               groups: ParallelGroups, step: int) -> float:
+def train_step(moe: MoELayers, optimizer: torch.optim.Optimizer, sync: ExpertGradSync, step: int) -> float:
     """One step on the global batch; returns the global mean loss."""
+    groups = moe.groups
     tokens = batch(step, groups.rank, groups.world_size)
-    logits = model(tokens[:, :-1])
+    logits = moe.model(tokens[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-    optimizer.zero_grad(set_to_none=False)
     loss.backward()
-    sync.sync_grads()
-    expert_params = {id(p) for layer in model.layers for p in layer.experts.parameters()}
-    for param in model.parameters():
-        if id(param) not in expert_params and param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad /= groups.world_size
-    optimizer.step()
-    for layer in model.layers:
-        layer.update_expert_bias()
+    optimizer_step(moe, optimizer, sync)
     total = loss.detach().clone()
     dist.all_reduce(total)
     return float(total) / groups.world_size
@@ -141,41 +135,42 @@ def expert_rows(model: TinyMoE, groups: ParallelGroups) -> dict[tuple[int, int, 
 # ---- rank functions --------------------------------------------------------------------------------
 def save_run(root: str) -> dict:
     """(EP 2, model): 20 steps, checkpoint after step 10; logits and weights at step 10, all losses."""
-    groups, config, model, optimizer = build("model", 2)
-    sync = ExpertGradSync(model, groups)
-    rebalancer = Rebalancer(list(model.layers), optimizer, groups, RebalanceConfig(interval=1000, window=4))
+    groups, config, moe, optimizer = build("model", 2)
+    model = moe.model
+    sync = ExpertGradSync(moe)
+    rebalancer = Rebalancer(moe, optimizer, RebalanceConfig(interval=1000, window=4))
     losses, logits, rows, router, window = [], None, None, None, None
     for step in range(1, LAST_STEP + 1):
-        losses.append(train_step(model, optimizer, sync, groups, step))
+        losses.append(train_step(moe, optimizer, sync, step))
         rebalancer.step()
         if step == SAVE_STEP:
             window = global_window(rebalancer)
-            ckpt.save_checkpoint(root, step, model, optimizer, groups, moe_config=config,
-                                 rebalancer=rebalancer, extra={"data_position": step * GLOBAL_BATCH})
+            ckpt.save_checkpoint(root, step, moe, optimizer, rebalancer=rebalancer,
+                                 extra={"data_position": step * GLOBAL_BATCH})
             logits = eval_logits(model, groups)
             rows = expert_rows(model, groups)
             router = [layer.router.weight.detach().clone() for layer in model.layers]
     # The same layout with another placement: the saved placement is re-installed unless told not to.
     permuted = ExpertPlacement.from_plan(torch.tensor([[3, 1, 0, 2], [2, 0, 3, 1]]), NUM_EXPERTS, 2)
     restored, kept = TinyMoE(config, permuted, groups), TinyMoE(config, permuted, groups)
-    restored_info = ckpt.load_checkpoint(root, restored, None, groups, moe_config=config)
-    kept_info = ckpt.load_checkpoint(root, kept, None, groups, moe_config=config, restore_placement=False)
+    restored_info = ckpt.load_checkpoint(root, MoELayers(restored), None)
+    kept_info = ckpt.load_checkpoint(root, MoELayers(kept), None, restore_placement=False)
     placements = [layer.placement for model in (restored, kept) for layer in model.layers]
     return {"losses": losses, "logits": logits, "rows": rows, "router": router, "window": window,
             "same_layout": {
                 "flags": (restored_info["placement_restored"], kept_info["placement_restored"],
                           restored_info["rng_restored"]),
-                "placements": [p == config.placement(NUM_LAYERS) for p in placements],
+                "placements": [p == config.placement(NUM_LAYERS, 2) for p in placements],
                 "logits": [eval_logits(restored, groups), eval_logits(kept, groups)]}}
 
 
 def resume_run(root: str) -> dict:
     """(EP 4, dynamic, 4 redundant slots): load step 10, logits, then steps 11-20."""
-    groups, config, model, optimizer = build("dynamic", 4, num_redundant=4)
-    sync = ExpertGradSync(model, groups)
-    rebalancer = Rebalancer(list(model.layers), optimizer, groups,
-                            RebalanceConfig(interval=1000, window=4, num_redundant_experts=4))
-    info = ckpt.load_checkpoint(root, model, optimizer, groups, moe_config=config, rebalancer=rebalancer)
+    groups, config, moe, optimizer = build("dynamic", 4, num_redundant=4)
+    model = moe.model
+    sync = ExpertGradSync(moe)
+    rebalancer = Rebalancer(moe, optimizer, RebalanceConfig(interval=1000, window=4))
+    info = ckpt.load_checkpoint(root, moe, optimizer, rebalancer=rebalancer)
     window, step_count = global_window(rebalancer), rebalancer.step_count
     logits = eval_logits(model, groups)
     replicas_equal = all(
@@ -188,7 +183,7 @@ def resume_run(root: str) -> dict:
     )
     losses = []
     for step in range(info["step"] + 1, LAST_STEP + 1):
-        losses.append(train_step(model, optimizer, sync, groups, step))
+        losses.append(train_step(moe, optimizer, sync, step))
         rebalancer.step()
     return {"info": {k: v for k, v in info.items() if k != "path"}, "logits": logits, "losses": losses,
             "window": window, "step_count": step_count, "rows": expert_rows(model, groups),
@@ -200,8 +195,9 @@ def data_run(root: str) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    groups, config, model, _ = build("data", 1)
-    info = ckpt.load_checkpoint(root, model, None, groups, moe_config=config)
+    groups, config, moe, _ = build("data", 1)
+    model = moe.model
+    info = ckpt.load_checkpoint(root, moe, None)
     logits = eval_logits(model, groups)
     # Megatron-Core reads our expert and router tensors: each rank loads half of the logical experts.
     path = ckpt.resolve_checkpoint(root)
@@ -338,7 +334,7 @@ def test_deepspeed_files_round_trip(runs: dict, tmp_path: Path, capsys: pytest.C
     _cli(["ckpt", "convert", str(tmp_path / "ds"), str(tmp_path / "back"), "--to", "ep-megatron",
           "--config", str(tmp_path / "config.json")], capsys)
     model, _ = _single()
-    ckpt.load_checkpoint(tmp_path / "back", model, None, ParallelGroups.single(), moe_config=moe_config())
+    ckpt.load_checkpoint(tmp_path / "back", MoELayers(model), None)
     for (layer, logical_id, name), row in runs["rows"].items():
         loaded = getattr(model.layers[layer].experts, name)[logical_id]
         torch.testing.assert_close(loaded, row, atol=0, rtol=0)
@@ -366,8 +362,7 @@ def _single(strategy: str = "model", hidden: int = HIDDEN, num_experts: int = NU
 
 
 def _save_single(root: Path, step: int, model: TinyMoE, optimizer: torch.optim.Optimizer) -> Path:
-    return ckpt.save_checkpoint(root, step, model, optimizer, ParallelGroups.single(), moe_config=moe_config(
-        model.embed.weight.shape[1], model.layers[0].placement.num_logical_experts))
+    return ckpt.save_checkpoint(root, step, MoELayers(model), optimizer)
 
 
 def test_config_mismatch_lists_every_differing_field(tmp_path: Path) -> None:
@@ -375,8 +370,7 @@ def test_config_mismatch_lists_every_differing_field(tmp_path: Path) -> None:
     _save_single(tmp_path, 1, model, optimizer)
     other, other_opt = _single(hidden=2 * HIDDEN, num_experts=2 * NUM_EXPERTS, num_layers=NUM_LAYERS + 1)
     with pytest.raises(ValueError) as err:
-        ckpt.load_checkpoint(tmp_path, other, other_opt, ParallelGroups.single(),
-                             moe_config=moe_config(2 * HIDDEN, 2 * NUM_EXPERTS))
+        ckpt.load_checkpoint(tmp_path, MoELayers(other), other_opt)
     message = str(err.value)
     for field in ("hidden_size", "num_experts", "num_moe_layers"):
         assert field in message
@@ -395,7 +389,92 @@ def test_damaged_file_is_detected(tmp_path: Path, damage: str) -> None:
     else:
         target.unlink()
     with pytest.raises(RuntimeError, match=target.name):
-        ckpt.load_checkpoint(tmp_path, model, optimizer, ParallelGroups.single(), moe_config=moe_config())
+        ckpt.load_checkpoint(tmp_path, MoELayers(model), optimizer)
+
+
+def _snapshot(moe: MoELayers, optimizer: torch.optim.Optimizer, rebalancer: Rebalancer) -> dict:
+    """Bit-exact copies of everything a load may write."""
+    state = optimizer.state_dict()
+    return {"model": {k: v.clone() for k, v in moe.model.state_dict().items()},
+            "optimizer": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                          for i, s in state["state"].items()},
+            "groups": [dict(g) for g in state["param_groups"]],
+            "rebalancer": {k: v.clone() if torch.is_tensor(v) else v
+                           for k, v in rebalancer.state_dict().items()},
+            "placement": moe.placement}
+
+
+def _assert_same(before: dict, after: dict) -> None:
+    assert after["placement"] is before["placement"]
+    assert before["groups"] == after["groups"] and before["rebalancer"].keys() == after["rebalancer"].keys()
+    for part in ("model", "rebalancer"):
+        for key, value in before[part].items():
+            now = after[part][key]
+            assert torch.equal(value, now) if torch.is_tensor(value) else value == now, (part, key)
+    for index, state in before["optimizer"].items():
+        for key, value in state.items():
+            assert torch.equal(value, after["optimizer"][index][key]), (index, key)
+
+
+def _trained_single(seed: int, strategy: str = "dynamic",
+                    ) -> tuple[MoELayers, torch.optim.Optimizer, Rebalancer]:
+    """A single-process model with 3 steps of optimizer and rebalancer state (seeded)."""
+    torch.manual_seed(seed)
+    placement = ExpertPlacement.build(strategy, NUM_LAYERS, NUM_EXPERTS, 1, num_redundant=2)
+    model = TinyMoE(moe_config(strategy=strategy, num_redundant=2), placement, ParallelGroups.single())
+    moe = MoELayers(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rebalancer = Rebalancer(moe, optimizer, RebalanceConfig(interval=2, window=3))
+    sync = ExpertGradSync(moe)
+    for step in range(3):
+        tokens = batch(seed * 100 + step, 0, 1)
+        F.cross_entropy(model(tokens[:, :-1]).reshape(-1, VOCAB), tokens[:, 1:].reshape(-1)).backward()
+        optimizer_step(moe, optimizer, sync)
+        rebalancer.step()
+    return moe, optimizer, rebalancer
+
+
+def test_a_failed_load_leaves_model_optimizer_rebalancer_and_placement_untouched(tmp_path: Path) -> None:
+    """Every check runs before the first write: each failing load below changes nothing, bit for bit. A
+    checkpoint with another rebalance window loads (the window restarts), the others are refused."""
+    saved_moe, saved_opt, saved_reb = _trained_single(seed=1)
+    assert saved_reb.step_count == 3 and saved_moe.placement.strategy == "dynamic"
+    good = ckpt.save_checkpoint(tmp_path / "good", 3, saved_moe, saved_opt, rebalancer=saved_reb)
+    weights_only = ckpt.save_checkpoint(tmp_path / "weights", 3, saved_moe, None)
+    moe, optimizer, rebalancer = _trained_single(seed=2)
+    before = _snapshot(moe, optimizer, rebalancer)
+
+    def refused(error: type[Exception], match: str, path: Path, opt: torch.optim.Optimizer = optimizer,
+                reb: Rebalancer = rebalancer) -> None:
+        with pytest.raises(error, match=match):
+            ckpt.load_checkpoint(path, moe, opt, rebalancer=reb)
+        _assert_same(before, _snapshot(moe, optimizer, rebalancer))
+
+    refused(ValueError, "holds no optimizer state", weights_only)
+    two_groups = torch.optim.AdamW([{"params": moe.dense_params()}, {"params": moe.expert_params()}])
+    refused(ValueError, "optimizer param groups differ", good, opt=two_groups)
+    bad_state = tmp_path / "bad_state"  # a crafted rebalancer state: window of the wrong shape, re-signed
+    shutil.copytree(good, bad_state)
+    state = ckpt.read_tensor_file(bad_state / "state.pt")
+    state["/load_window"] = torch.zeros(3, NUM_LAYERS + 1, NUM_EXPERTS, dtype=torch.int64)
+    torch.save(state, bad_state / "state.pt")
+    manifest = ckpt.read_manifest(bad_state)
+    manifest["files"].update(file_entries(bad_state, ["state.pt"]))
+    (bad_state / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    refused(ValueError, "rebalancer load_window", bad_state)
+    flipped = tmp_path / "flipped"  # the last tensor file damaged: found by the CRC check, before any write
+    shutil.copytree(good, flipped)
+    target = sorted(flipped.glob("*.distcp"))[-1]
+    data = target.read_bytes()
+    target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    refused(RuntimeError, target.name, flipped)
+    # Another window length is not an error: the load window restarts, the step counter is restored.
+    other_window = Rebalancer(moe, optimizer, RebalanceConfig(interval=2, window=5))
+    info = ckpt.load_checkpoint(good, moe, optimizer, rebalancer=other_window)
+    assert info["step"] == 3 and other_window.step_count == 3 and not other_window.load_window.any()
+    assert moe.placement == saved_moe.placement
+    for key, value in saved_moe.model.state_dict().items():
+        assert torch.equal(moe.model.state_dict()[key], value), key
 
 
 _SAVER = textwrap.dedent("""
@@ -435,5 +514,5 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path: Path) -> None
     assert all((path / ckpt.MANIFEST_FILE).is_file() for path in root.glob("step_*"))
     model, optimizer = _single()
     model.register_buffer("ballast", torch.zeros(1 << 21))
-    info = ckpt.load_checkpoint(root, model, optimizer, ParallelGroups.single(), moe_config=moe_config())
+    info = ckpt.load_checkpoint(root, MoELayers(model), optimizer)
     assert info["path"] == latest and model.ballast.abs().sum() > 0

@@ -45,7 +45,6 @@ def test_defaults_are_dropless_model_sharded_swiglu() -> None:
         (dict(num_redundant_experts=-2, sharding_strategy="dynamic"),
          "num_redundant_experts=-2 must be >= 0"),
         (dict(num_redundant_experts=2), "only used by sharding_strategy='dynamic'"),
-        (dict(expert_parallel_size=0), "expert_parallel_size=0 must be >= 1"),
         (dict(router_dtype="bf16"), "router_dtype='bf16' must be one of"),
         (dict(init_std=0.0), "init_std=0.0 must be a finite float > 0"),
     ],
@@ -61,8 +60,10 @@ def test_bad_field_names_field_and_range(overrides: dict, message: str) -> None:
      ("dynamic", {"num_redundant_experts": 2}, 10)],
 )
 def test_placement_helper_builds_each_strategy(strategy: str, extra: dict, slots: int) -> None:
-    cfg = MoEConfig(**BASE, sharding_strategy=strategy, expert_parallel_size=2, **extra)
-    placement = cfg.placement(num_moe_layers=3)
-    assert placement.num_layers == 3 and placement.num_ranks == 2 and placement.num_slots == slots
+    cfg = MoEConfig(**BASE, sharding_strategy=strategy, **extra)
+    placement = cfg.placement(num_moe_layers=3, ep_size=2)
+    assert placement.num_layers == 3 and placement.ep_size == 2 and placement.num_slots == slots
     assert placement.strategy == strategy
     assert cfg.replicated_experts == tuple(extra.get("replicated_experts", ()))
+    with pytest.raises(ValueError, match="ep_size=0"):  # the EP size is the groups', checked where used
+        cfg.placement(num_moe_layers=3, ep_size=0)

@@ -31,7 +31,7 @@ class TinyMoEModel(nn.Module):
         self.proj = nn.Linear(HIDDEN, HIDDEN)
         config = MoEConfig(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_experts=EXPERTS, top_k=2,
                            load_balancing_type="none", sharding_strategy=strategy,
-                           num_redundant_experts=num_redundant, expert_parallel_size=ep_size, seed=0)
+                           num_redundant_experts=num_redundant, seed=0)
         placement = ExpertPlacement.build(strategy, 1, EXPERTS, ep_size, num_redundant=num_redundant)
         self.moe = MoELayer(config, placement, groups, 0)
         if skew:  # every token routes to logical experts 0 and 1 (both on EP rank 0 under "model")
@@ -77,12 +77,13 @@ def _train_deepspeed(ep_size: int, stage: int, bf16: bool, skew: bool = False) -
     import torch.distributed as dist
 
     from ep_megatron.integrations import deepspeed as ds_glue
+    from ep_megatron.layer.moe_layers import MoELayers
     from ep_megatron.parallel import build_groups
 
     groups = build_groups(ep_size)
     model = TinyMoEModel(ep_size, groups, "model" if skew else "dynamic", 0 if skew else 2, skew)
     engine, *_ = ds_glue.initialize(
-        model, groups, lambda pg: torch.optim.AdamW(pg, lr=LR, weight_decay=0.01), _ds_config(stage, bf16))
+        MoELayers(model), lambda pg: torch.optim.AdamW(pg, lr=LR, weight_decay=0.01), _ds_config(stage, bf16))
     norms = []
     for step in range(STEPS):
         x, y = _batch(dist.get_rank(), step)
@@ -146,11 +147,12 @@ def test_deepspeed_four_ranks_ep_times_edp():
 
 def test_initialize_rejects_bf16_stage0():
     from ep_megatron.integrations import deepspeed as ds_glue
+    from ep_megatron.layer.moe_layers import MoELayers
     from ep_megatron.parallel import ParallelGroups
 
     model = TinyMoEModel(1, ParallelGroups.single(), "model", 0)
     with pytest.raises(ValueError, match="stage=0"):
-        ds_glue.initialize(model, ParallelGroups.single(), None, _ds_config(0, True))
+        ds_glue.initialize(MoELayers(model), None, _ds_config(0, True))
 
 
 def _adamw(param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -184,25 +186,28 @@ def _zero_checkpoint_round_trip(root: str, bf16: bool) -> list[str]:
     import torch.distributed as dist
 
     from ep_megatron.integrations import deepspeed as ds_glue
+    from ep_megatron.layer.moe_layers import MoELayers
     from ep_megatron.parallel import build_groups
     from ep_megatron.services.checkpoint import load_checkpoint, save_checkpoint
 
     groups = build_groups(2)
     model = TinyMoEModel(2, groups, "dynamic", 2)
-    engine, *_ = ds_glue.initialize(model, groups, _adamw, _ds_config(2, bf16), weight_decay=0.01)
+    moe = MoELayers(model)
+    engine, *_ = ds_glue.initialize(moe, _adamw, _ds_config(2, bf16), weight_decay=0.01)
     dtype = torch.bfloat16 if bf16 else torch.float32
     for step in range(3):
         x, y = _batch(dist.get_rank(), step)
         engine.backward(((engine(x.to(dtype)).float() - y) ** 2).mean())
         engine.step()
     saved = _zero_full_state(model, groups)
-    save_checkpoint(root, 3, model, ds_glue.checkpoint_optimizer(engine), groups, moe_config=model.moe.config)
+    save_checkpoint(root, 3, moe, ds_glue.checkpoint_optimizer(engine))
 
     groups = build_groups(1)
     fresh = TinyMoEModel(1, groups, "model", 0)
     torch.nn.init.zeros_(fresh.proj.weight)
-    engine, *_ = ds_glue.initialize(fresh, groups, _adamw, _ds_config(1, bf16), weight_decay=0.01)
-    load_checkpoint(root, fresh, ds_glue.checkpoint_optimizer(engine), groups, moe_config=fresh.moe.config)
+    fresh_moe = MoELayers(fresh)
+    engine, *_ = ds_glue.initialize(fresh_moe, _adamw, _ds_config(1, bf16), weight_decay=0.01)
+    load_checkpoint(root, fresh_moe, ds_glue.checkpoint_optimizer(engine))
     loaded = _zero_full_state(fresh, groups)
     errors = [f"{key}: max err {(loaded[key] - value).abs().max():.3g}" for key, value in saved.items()
               if not torch.equal(loaded[key], value)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ep_megatron.layer.dispatcher import TokenDispatcher, _AllToAll
+from ep_megatron.layer.dispatcher import TokenDispatcher
+from ep_megatron.parallel.comm import AllToAll
 from ep_megatron.placement import ExpertPlacement
 from tests.multirank import run_ranks
 
@@ -61,7 +62,7 @@ def _all_to_all(send_splits: list[list[int]]) -> dict[str, torch.Tensor]:
     recv = [send_splits[src][rank] for src in range(world)]
     rows = (torch.arange(sum(mine), dtype=torch.float64) + 100 * rank).unsqueeze(1).repeat(1, 3)
     rows.requires_grad_(True)
-    out = _AllToAll.apply(rows, mine, recv, dist.group.WORLD)
+    out = AllToAll.apply(rows, mine, recv, dist.group.WORLD)
     weight = torch.arange(1, out.numel() + 1, dtype=torch.float64).view_as(out) * (rank + 1)
     (out * weight).sum().backward()
     return {"out": out.detach(), "grad": rows.grad, "weight": weight}

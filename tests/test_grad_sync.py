@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ep_megatron.layer.moe_layers import MoELayers
 from ep_megatron.parallel import ParallelGroups, build_groups
 from ep_megatron.parallel.grad_sync import (
     ExpertGradSync,
@@ -73,7 +74,7 @@ def reference_sums(placement: ExpertPlacement, layer: int, world_size: int, seed
 
     ``none_param = (world_rank, layer, param)`` marks a grad that was ``None`` (contributes zeros).
     """
-    ep_size, slots_per_rank = placement.num_ranks, placement.slots_per_rank
+    ep_size, slots_per_rank = placement.ep_size, placement.slots_per_rank
     sums = {e: [torch.zeros(shape, dtype=torch.float64) for shape in PARAM_SHAPES]
             for e in range(placement.num_logical_experts)}
     for world_rank in range(world_size):
@@ -105,12 +106,12 @@ class ContractExperts(nn.Module):
 
 
 class ContractLayer(nn.Module):
-    """The part of the ``MoELayer`` contract the sync reads: placement, layer_idx, experts."""
+    """The part of the ``MoELayer`` contract the sync reads: placement, layer_idx, groups, experts."""
 
-    def __init__(self, placement: ExpertPlacement, layer_idx: int, ep_rank: int) -> None:
+    def __init__(self, placement: ExpertPlacement, layer_idx: int, groups: ParallelGroups) -> None:
         super().__init__()
-        self.placement, self.layer_idx = placement, layer_idx
-        self.experts = ContractExperts(placement, layer_idx, ep_rank)
+        self.placement, self.layer_idx, self.groups = placement, layer_idx, groups
+        self.experts = ContractExperts(placement, layer_idx, groups.ep_rank)
 
 
 def gather(tensor: Tensor, groups: ParallelGroups) -> list[Tensor]:
@@ -149,14 +150,13 @@ def expected_ep_rows(placement: ExpertPlacement, layer: int, ep_rank: int) -> in
 
 # ---- rank functions ----------------------------------------------------------------------------------
 def check_sync(groups: ParallelGroups) -> None:
-    """All placements, three entry points; one ``ExpertGradSync`` reused while placements change."""
+    """All placements, three entry points (one ``ExpertGradSync`` per placement's layers)."""
     row_bytes = sum(math.prod(shape) for shape in PARAM_SHAPES) * 4
     scale = 1.0 / groups.world_size
-    model = nn.ModuleList()
-    sync = ExpertGradSync(model, groups)
     for seed, (name, placement) in enumerate(placements(groups.ep_size)):
         slots = placement.slots_per_rank
-        sync.layers = [ContractLayer(placement, layer, groups.ep_rank) for layer in range(NUM_LAYERS)]
+        moe = MoELayers([ContractLayer(placement, layer, groups) for layer in range(NUM_LAYERS)])
+        sync = ExpertGradSync(moe)
         for entry in ("sync_layers", "sync_replica_grads", "ExpertGradSync"):
             grads = [raw_grads(groups.rank, seed, layer, slots) for layer in range(NUM_LAYERS)]
             if entry == "sync_layers":
@@ -167,11 +167,11 @@ def check_sync(groups: ParallelGroups) -> None:
                 layer_bytes = [sync_replica_grads(grads[lay], placement, lay, groups, scale)
                                for lay in range(NUM_LAYERS)]
             else:
-                for layer, layer_grads in zip(sync.layers, grads):
+                for layer, layer_grads in zip(moe.layers, grads):
                     layer.experts.fc1_weight.grad, layer.experts.fc2_weight.grad = layer_grads
                 stats = sync()
                 layer_bytes = list(stats.layer_bytes)
-                grads = [[p.grad for p in layer.experts.parameters()] for layer in sync.layers]
+                grads = [[p.grad for p in layer.experts.parameters()] for layer in moe.layers]
             what = f"ep={groups.ep_size} edp={groups.edp_size} {name} {entry}"
             for layer in range(NUM_LAYERS):
                 sums = reference_sums(placement, layer, groups.world_size, seed)
@@ -200,20 +200,21 @@ def check_adamw(groups: ParallelGroups) -> None:
     migrated by logical id), a ``None`` grad on step 0: replicas stay identical and match a logical reference.
     """
     plans = [replicated_plan(groups.ep_size, seed=7), replicated_plan(groups.ep_size, seed=8)]
-    model = nn.ModuleList(ContractLayer(plans[0], layer, groups.ep_rank) for layer in range(NUM_LAYERS))
+    model = nn.ModuleList(ContractLayer(plans[0], layer, groups) for layer in range(NUM_LAYERS))
+    moe = MoELayers(model)
     reference = [[nn.Parameter(w) for w in logical_weights(layer, 4)] for layer in range(NUM_LAYERS)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
     ref_optimizer = torch.optim.AdamW([p for ps in reference for p in ps], lr=0.1, weight_decay=0.1)
-    sync = ExpertGradSync(model, groups)
+    sync = ExpertGradSync(moe)  # reused while the placement changes
     for step, placement in enumerate(plans):
-        for layer in model:  # migrate (a no-op on step 0) and switch the placement
+        for layer in model:  # migrate (a no-op on step 0)
             ids = placement.local_logical_ids(groups.ep_rank)[layer.layer_idx]
             for param, ref in zip(layer.experts.parameters(), reference[layer.layer_idx]):
                 param.data.copy_(ref.data[ids])
                 for name, value in optimizer.state[param].items():
                     if name != "step":
                         value.copy_(ref_optimizer.state[ref][name][ids])
-            layer.placement = placement
+        moe.set_placement(placement)
         none_param = (0, 0, 1) if step == 0 else None  # rank 0, layer 0, fc2: no tokens -> grad None
         for layer in model:
             grads = raw_grads(groups.rank, 100 + step, layer.layer_idx, placement.slots_per_rank)
@@ -243,7 +244,8 @@ def _norm_run(placement: ExpertPlacement, groups: ParallelGroups, max_norm: floa
 
     Returns ``(norm, naive per-slot norm, layers, dense)`` after sync (and clipping if ``max_norm``).
     """
-    layers = [ContractLayer(placement, layer, groups.ep_rank) for layer in range(NUM_LAYERS)]
+    layers = [ContractLayer(placement, layer, groups) for layer in range(NUM_LAYERS)]
+    moe = MoELayers(layers)
     gen = torch.Generator().manual_seed(3)
     logical = [[torch.randn(4, *shape, generator=gen) for shape in PARAM_SHAPES] for _ in range(NUM_LAYERS)]
     dense = nn.Parameter(torch.zeros(5))
@@ -258,13 +260,13 @@ def _norm_run(placement: ExpertPlacement, groups: ParallelGroups, max_norm: floa
                 last_replica = int(placement.logical_to_physical[lay, e, placement.replica_count[lay, e] - 1])
                 if groups.edp_rank == 0 and groups.ep_rank * slots + local_slot == last_replica:
                     param.grad[local_slot] = full[e] * groups.world_size
-    ExpertGradSync(layers, groups)()
+    ExpertGradSync(moe)()
     naive = torch.stack([p.grad.pow(2).sum() for layer in layers for p in layer.experts.parameters()]).sum()
     if groups.world_size > 1:
         dist.all_reduce(naive)
     if max_norm is None:
-        return expert_grad_norm_sq(layers, groups).sqrt(), naive, layers, dense, logical
-    return clip_grad_norm_([dense], layers, groups, max_norm), naive, layers, dense, logical
+        return expert_grad_norm_sq(moe).sqrt(), naive, layers, dense, logical
+    return clip_grad_norm_(moe, [dense], max_norm), naive, layers, dense, logical
 
 
 def check_norm(groups: ParallelGroups) -> None:
@@ -331,12 +333,13 @@ def test_bad_inputs_raise_before_any_collective():
         sync_replica_grads(good, placement, 0, groups, float("nan"))
     with pytest.raises(ValueError, match="dtype"):
         sync_replica_grads([good[0], good[1].double()], placement, 0, groups, 1.0)
-    layer = ContractLayer(placement, 0, 0)
+    one_layer = ExpertPlacement.build("data", 1, 4, 1)
+    layer = ContractLayer(one_layer, 0, groups)
     layer.experts.bias = nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="experts.bias"):
-        ExpertGradSync([layer], groups)()
-    layer = ContractLayer(placement, 0, 0)
+        ExpertGradSync(MoELayers([layer]))()
+    layer = ContractLayer(one_layer, 0, groups)
     with pytest.raises(ValueError, match="dense_params"):
-        clip_grad_norm_([layer.experts.fc1_weight], [layer], groups, 1.0)
+        clip_grad_norm_(MoELayers([layer]), [layer.experts.fc1_weight], 1.0)
     with pytest.raises(ValueError, match="max_norm"):
-        clip_grad_norm_([], [layer], groups, 0.0)
+        clip_grad_norm_(MoELayers([layer]), [], 0.0)

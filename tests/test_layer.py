@@ -250,7 +250,7 @@ def test_bad_input_raises_on_every_rank() -> None:
         assert messages["hidden_rank1"].startswith(expected), messages
         assert messages["nan_rank0"].startswith("RuntimeError"), messages
         assert ("NaN" in messages["nan_rank0"]) == (rank == 0), messages
-        assert "placement.num_ranks=4" in messages["placement"] and "ep_size=2" in messages["placement"]
+        assert "placement.ep_size=4" in messages["placement"] and "ep_size=2" in messages["placement"]
     with pytest.raises(ValueError, match="top_k=9 must be in"):
         make_config(top_k=9)
 

@@ -43,7 +43,7 @@ def test_shapes_and_moe_contract() -> None:
     assert logits.shape == (3, 10, 50)
     loss, logits2 = model(tokens, tokens)
     assert loss.shape == () and torch.equal(logits, logits2)
-    moe = model.moe_layers()
+    moe = [block.mlp for block in model.blocks if block.is_moe]
     assert [m.layer_index for m in moe] == [0, 1]  # blocks 0 and 2, Megatron's moe_layer_freq rule
     assert [b.is_moe for b in model.blocks] == [True, False, True, False]
     assert all(m.seen_shapes == [torch.Size([10, 3, 32])] * 2 for m in moe)  # [seq, batch, hidden]
@@ -51,7 +51,7 @@ def test_shapes_and_moe_contract() -> None:
 
 def test_dense_without_factory() -> None:
     model = MoEGPT(GPTConfig(**TINY), None)
-    assert model.moe_layers() == [] and not any(b.is_moe for b in model.blocks)
+    assert not any(b.is_moe for b in model.blocks)
 
 
 def test_causal() -> None:

@@ -40,7 +40,7 @@ def test_strategy_layouts():
 
 def test_owners_spread_round_robin_for_data():
     placement = ExpertPlacement.data(1, 8, 4)
-    owner_ranks = placement.slot_rank[placement.owner_slot[0]].tolist()
+    owner_ranks = placement.slot_ep_rank[placement.owner_slot[0]].tolist()
     assert owner_ranks == [0, 1, 2, 3, 0, 1, 2, 3]
     assert placement.is_owner(1).sum() == 2
 
@@ -48,7 +48,7 @@ def test_owners_spread_round_robin_for_data():
 @pytest.mark.parametrize(
     ("phy2log", "experts", "ranks", "message"),
     [
-        (torch.tensor([[0, 1, 2]]), 3, 2, "num_slots=3 must be a positive multiple of num_ranks=2"),
+        (torch.tensor([[0, 1, 2]]), 3, 2, "num_slots=3 must be a positive multiple of ep_size=2"),
         (torch.tensor([[0, 0, 1, 1]]), 3, 2, "logical expert 2 of layer 0 has no physical slot"),
         (torch.tensor([[0, 1, 2, 4]]), 4, 2, r"values must be in \[0, 4\)"),
         (torch.tensor([0, 1]), 2, 1, "integer tensor"),
@@ -62,9 +62,9 @@ def test_invalid_placements_name_the_problem(phy2log, experts, ranks, message):
 
 
 def test_invalid_strategy_arguments():
-    with pytest.raises(ValueError, match="num_experts=6 divisible by num_ranks=4"):
+    with pytest.raises(ValueError, match="num_experts=6 divisible by ep_size=4"):
         ExpertPlacement.model(1, 6, 4)
-    with pytest.raises(ValueError, match="must be divisible by num_ranks=2"):
+    with pytest.raises(ValueError, match="must be divisible by ep_size=2"):
         ExpertPlacement.hybrid(1, 6, 2, [0])
     with pytest.raises(ValueError, match="num_redundant=-1"):
         ExpertPlacement.dynamic(1, 4, 2, -1)
@@ -78,11 +78,14 @@ def test_diff_sends_each_expert_once_per_destination_and_copies_locally():
     new = ExpertPlacement.from_plan(torch.tensor([[0, 3, 2, 2, 0, 1]]), 4, 3)
     diff = old.diff(new)
     assert diff.changed_slots.tolist() == [[False, True, False, True, False, False]]
-    assert [(t.logical_id, t.src_rank, t.dst_rank) for t in diff.transfers] == [(3, 1, 0)]
+    assert [(t.logical_id, t.src_ep_rank, t.dst_ep_rank) for t in diff.transfers] == [(3, 1, 0)]
     assert old.diff(old).transfers == () and old.diff(old).num_changed_slots == 0
     many = ExpertPlacement.from_plan(torch.tensor([[0, 0, 1, 1, 2, 3]]), 4, 3)
     moved = many.diff(ExpertPlacement.from_plan(torch.tensor([[2, 3, 1, 0, 0, 1]]), 4, 3))
-    assert {(t.logical_id, t.src_rank, t.dst_rank) for t in moved.transfers} == {
+    assert {(t.logical_id, t.src_ep_rank, t.dst_ep_rank) for t in moved.transfers} == {
         (2, 2, 0), (3, 2, 0), (0, 0, 1), (0, 0, 2), (1, 1, 2)}
     for transfer in moved.transfers:
-        assert many.local_logical_ids(transfer.src_rank)[0, transfer.src_local_slot] == transfer.logical_id
+        assert many.local_logical_ids(transfer.src_ep_rank)[0, transfer.src_local_slot] == transfer.logical_id
+    more_slots = ExpertPlacement.from_plan(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 0]]), 4, 3)
+    with pytest.raises(ValueError, match="placements differ in num_slots: 6 vs 9"):
+        old.diff(more_slots)  # checked before the maps are compared (no torch shape error)

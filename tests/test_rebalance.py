@@ -13,9 +13,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ep_megatron.layer.moe_layers import MoELayers
 from ep_megatron.parallel import ParallelGroups, build_groups
 from ep_megatron.placement import ExpertPlacement
-from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer, migrate_rows
+from ep_megatron.services.migration import migrate_rows
+from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer
 from tests.multirank import run_ranks
 
 # ---- a layer stand-in: stacked rows initialised by logical id, scripted loads -----------------------
@@ -43,11 +45,12 @@ def _skewed_load(num_experts: int, step: int, rank: int) -> torch.Tensor:
 class _StackedLayer(nn.Module):
     """Holds rows ``w [S, 3, 2]`` and ``v [S, 5]`` of the local slots; loads come from ``next_load``."""
 
-    def __init__(self, placement: ExpertPlacement, layer_idx: int, ep_rank: int) -> None:
+    def __init__(self, placement: ExpertPlacement, layer_idx: int, groups: ParallelGroups) -> None:
         super().__init__()
-        self.placement, self.layer_idx, self.ep_rank = placement, layer_idx, ep_rank
+        self.placement, self.layer_idx, self.groups = placement, layer_idx, groups
+        self.ep_rank = groups.ep_rank
         self.experts = nn.Module()
-        ids = placement.local_logical_ids(ep_rank)[layer_idx].tolist()
+        ids = placement.local_logical_ids(self.ep_rank)[layer_idx].tolist()
         for name in ROW_SHAPES:
             rows = torch.stack([_logical_init(layer_idx, e, name) for e in ids])
             self.experts.register_parameter(name, nn.Parameter(rows))
@@ -55,9 +58,6 @@ class _StackedLayer(nn.Module):
 
     def take_load(self) -> torch.Tensor:
         return self.next_load
-
-    def set_placement(self, placement: ExpertPlacement) -> None:
-        self.placement = placement
 
     def local_ids(self) -> list[int]:
         return self.placement.local_logical_ids(self.ep_rank)[self.layer_idx].tolist()
@@ -70,7 +70,7 @@ def _fake_groups(ep_size: int) -> ParallelGroups:
 
 # ---- configuration errors (single process, before any collective) --------------------------------
 @pytest.mark.parametrize("field, value", [("interval", 0), ("window", -1), ("warmup", -1),
-                                          ("num_redundant_experts", -2), ("planner", "random"),
+                                          ("ranks_per_node", -2), ("planner", "random"),
                                           ("max_moved_fraction", 1.5), ("min_gain", -0.1)])
 def test_config_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
@@ -79,27 +79,21 @@ def test_config_rejects_bad_values(field: str, value: object) -> None:
 
 def test_misconfiguration_raises_at_construction() -> None:
     placement = ExpertPlacement.dynamic(1, 4, 2, num_redundant=2)
-    layers = [_StackedLayer(placement, 0, 0)]
-    opt = torch.optim.AdamW([p for layer in layers for p in layer.parameters()])
     groups = _fake_groups(2)
-    with pytest.raises(ValueError, match="divisible by the expert-parallel size 2"):
-        Rebalancer(layers, opt, groups, RebalanceConfig(num_redundant_experts=1))
-    with pytest.raises(ValueError, match="num_redundant_experts: 4 gives 8 slots"):
-        Rebalancer(layers, opt, groups, RebalanceConfig(num_redundant_experts=4))
-    with pytest.raises(ValueError, match="num_redundant_experts"):  # fewer slots than experts
-        RebalanceConfig(num_redundant_experts=-1)
+    layers = [_StackedLayer(placement, 0, groups)]
+    moe = MoELayers(layers)
+    opt = torch.optim.AdamW([p for layer in layers for p in layer.parameters()])
     with pytest.raises(ValueError, match="LBFGS"):
-        Rebalancer(layers, torch.optim.LBFGS(layers[0].parameters()), groups,
-                   RebalanceConfig(num_redundant_experts=2))
+        Rebalancer(moe, torch.optim.LBFGS(layers[0].parameters()), RebalanceConfig())
     with pytest.raises(ValueError, match="not in its param_groups"):
-        Rebalancer(layers, torch.optim.AdamW([layers[0].experts.w]), groups,
-                   RebalanceConfig(num_redundant_experts=2))
+        Rebalancer(moe, torch.optim.AdamW([layers[0].experts.w]), RebalanceConfig())
     with pytest.raises(ValueError, match="ranks_per_node"):
-        Rebalancer(layers, opt, groups, RebalanceConfig(num_redundant_experts=2, planner="hierarchical",
-                                                        ranks_per_node=3))
-    with pytest.raises(ValueError, match="expert-parallel size is 3"):
-        Rebalancer(layers, opt, _fake_groups(3), RebalanceConfig(num_redundant_experts=2))
-    rebalancer = Rebalancer(layers, opt, groups, RebalanceConfig(num_redundant_experts=2))
+        Rebalancer(moe, opt, RebalanceConfig(planner="hierarchical", ranks_per_node=3))
+    with pytest.raises(ValueError, match="placement.ep_size=2 must equal groups.ep_size=3"):
+        MoELayers([_StackedLayer(placement, 0, _fake_groups(3))])
+    rebalancer = Rebalancer(moe, opt, RebalanceConfig())
+    with pytest.raises(ValueError, match=r"load: shape \(2, 4\), expected \[L, E\] = \(1, 4\)"):
+        rebalancer.step(torch.zeros(2, 4, dtype=torch.int64))
     layers[0].experts.w.grad = torch.ones_like(layers[0].experts.w)
     with pytest.raises(RuntimeError, match="not zero at the rebalance"):
         rebalancer._check_grads_zero()
@@ -152,7 +146,7 @@ def _migrate_exact(seed: int) -> dict:
             got, want = tensors[k][local_slot], gathered[k][src_rank][src_local]
             assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (local_slot, logical_id, k)
     slot_nbytes = sum(t[0].numel() * t.element_size() for t in old_rows)
-    expected_sent = slot_nbytes * sum(t.src_rank == ep_rank for t in diff.transfers)
+    expected_sent = slot_nbytes * sum(t.src_ep_rank == ep_rank for t in diff.transfers)
     return {"sent": sent, "expected_sent": expected_sent, "calls_move": calls_move, "same_sent": same,
             "calls_total": len(calls), "num_transfers": len(diff.transfers)}
 
@@ -173,11 +167,10 @@ def _adamw_fake_layers(num_steps: int, interval: int, num_experts: int, num_redu
     groups = build_groups(ep_size)
     num_layers = 2
     placement = ExpertPlacement.dynamic(num_layers, num_experts, ep_size, num_redundant)
-    layers = [_StackedLayer(placement, i, groups.ep_rank) for i in range(num_layers)]
+    layers = [_StackedLayer(placement, i, groups) for i in range(num_layers)]
     params = [p for layer in layers for p in layer.parameters()]
     opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.1, foreach=False)
-    config = RebalanceConfig(interval=interval, window=interval, num_redundant_experts=num_redundant)
-    rebalancer = Rebalancer(layers, opt, groups, config)
+    rebalancer = Rebalancer(MoELayers(layers), opt, RebalanceConfig(interval=interval, window=interval))
     metrics = []
     for step in range(num_steps):
         for layer in layers:
@@ -256,15 +249,18 @@ def _deepspeed_forced_migration(stage: int, bf16: bool, steps_before: int, steps
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    from ep_megatron.integrations import deepspeed as ds_glue
+
     groups = build_groups(1)
     num_experts = 4
     placement = ExpertPlacement.dynamic(1, num_experts, 1, 2)
-    layer = _StackedLayer(placement, 0, 0)
+    layer = _StackedLayer(placement, 0, groups)
     config = {"train_batch_size": dist.get_world_size(), "zero_optimization": {"stage": stage},
               "bf16": {"enabled": bf16}, "gradient_clipping": 0.0,
               "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "weight_decay": 0.1, "torch_adam": True}}}
     engine, *_ = deepspeed.initialize(model=layer, model_parameters=layer.parameters(), config=config)
-    rebalancer = Rebalancer([layer], engine, groups, RebalanceConfig(interval=1000, num_redundant_experts=2))
+    rebalancer = Rebalancer(MoELayers([layer]), ds_glue.optimizer_rows(engine),
+                            RebalanceConfig(interval=1000))
 
     def train(step: int) -> None:
         ids = layer.local_ids()
@@ -307,7 +303,8 @@ def test_deepspeed_zero_migrates_masters_and_moments(stage: int, bf16: bool) -> 
 INV_HIDDEN, INV_FFN, INV_EXPERTS, INV_LAYERS, INV_TOKENS = 8, 8, 4, 2, 16  # INV_TOKENS per rank per step
 
 
-def _invariance_run(ep_size: int, strategy: str, num_redundant: int, interval: int, num_steps: int) -> dict:
+def _invariance_run(ep_size: int, strategy: str, num_redundant: int, interval: int, num_steps: int,
+                    replicated: tuple[int, ...] = ()) -> dict:
     """Train ``INV_LAYERS`` residual MoE layers + linear head; returns losses and per-logical rows.
 
     Runs in fp64: in fp32 a replica-split expert GEMM rounds differently from the one-replica GEMM, and
@@ -318,11 +315,13 @@ def _invariance_run(ep_size: int, strategy: str, num_redundant: int, interval: i
     from ep_megatron.config import MoEConfig
     from ep_megatron.layer import MoELayer
     from ep_megatron.parallel.grad_sync import ExpertGradSync
+    from ep_megatron.trainer.step import optimizer_step
 
     groups = build_groups(ep_size)
     config = MoEConfig(hidden_size=INV_HIDDEN, ffn_hidden_size=INV_FFN, num_experts=INV_EXPERTS, top_k=2,
                        router_dtype="fp64")
-    placement = ExpertPlacement.build(strategy, INV_LAYERS, INV_EXPERTS, ep_size, num_redundant=num_redundant)
+    placement = ExpertPlacement.build(strategy, INV_LAYERS, INV_EXPERTS, ep_size, num_redundant=num_redundant,
+                                      replicated_experts=replicated)
     torch.manual_seed(0)
     model = nn.Module()
     model.layers = nn.ModuleList(MoELayer(config, placement, groups, i) for i in range(INV_LAYERS))
@@ -334,13 +333,11 @@ def _invariance_run(ep_size: int, strategy: str, num_redundant: int, interval: i
         hot_dirs = model.layers[0].router.weight.detach().clone()  # [E, hidden]: pushes tokens to expert e
         hot_dirs /= hot_dirs.norm(dim=1, keepdim=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
-    sync = ExpertGradSync(model, groups)
+    moe = MoELayers(model)
+    sync = ExpertGradSync(moe)
     rebalancer = None
-    if interval:
-        rebalancer = Rebalancer(list(model.layers), optimizer, groups,
-                                RebalanceConfig(interval=interval, window=interval,
-                                                num_redundant_experts=num_redundant))
-    expert_ids = {id(p) for layer in model.layers for p in layer.experts.parameters()}
+    if interval:  # the number of slots comes from the placement alone (dynamic and hybrid alike)
+        rebalancer = Rebalancer(moe, optimizer, RebalanceConfig(interval=interval, window=interval))
     losses, moved = [], 0
     for step in range(num_steps):
         gen = torch.Generator().manual_seed(step)
@@ -352,13 +349,7 @@ def _invariance_run(ep_size: int, strategy: str, num_redundant: int, interval: i
             hidden = hidden + layer(hidden)[0]
         loss = (model.head(hidden).squeeze(-1) - target[groups.rank]).pow(2).mean()
         loss.backward()
-        sync.sync_grads()
-        for p in model.parameters():
-            if id(p) not in expert_ids and p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= groups.world_size
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        optimizer_step(moe, optimizer, sync)
         total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(float(total) / groups.world_size)
@@ -377,29 +368,35 @@ def _invariance_run(ep_size: int, strategy: str, num_redundant: int, interval: i
     return {"losses": losses, "rows": rows, "moved": moved}
 
 
-def _invariance_pair(ep_size: int, num_redundant: int, num_steps: int) -> tuple[dict, dict]:
-    static = _invariance_run(ep_size, "model", 0, 0, num_steps)
-    dynamic = _invariance_run(ep_size, "dynamic", num_redundant, 5, num_steps)
-    return static, dynamic
+def _invariance_runs(ep_size: int, num_redundant: int, num_steps: int) -> list[dict]:
+    """Static ``model``; ``dynamic`` rebalanced every 5 steps; at EP 2 also ``hybrid`` (experts 0 and 1
+    on both ranks) rebalanced every 5 steps with nothing but its placement given."""
+    runs = [_invariance_run(ep_size, "model", 0, 0, num_steps),
+            _invariance_run(ep_size, "dynamic", num_redundant, 5, num_steps)]
+    if ep_size == 2:
+        runs.append(_invariance_run(ep_size, "hybrid", 0, 5, num_steps, replicated=(0, 1)))
+    return runs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size, num_redundant", [(2, 2), (4, 4)])
 def test_rebalancing_keeps_training_math(world_size: int, num_redundant: int) -> None:
     num_steps = 50
-    results = run_ranks(_invariance_pair, world_size, world_size, num_redundant, num_steps, timeout_s=240)
-    static, dynamic = results[0]
-    assert dynamic["moved"] > 0  # placements really changed
-    torch.testing.assert_close(torch.tensor(dynamic["losses"]), torch.tensor(static["losses"]),
-                               rtol=1e-5, atol=0)
+    results = run_ranks(_invariance_runs, world_size, world_size, num_redundant, num_steps, timeout_s=240)
+    static, *rebalanced = results[0]
     reference: dict[tuple[int, int, str], torch.Tensor] = {}
-    for static_r, _ in results:
+    for static_r, *_ in results:
         for key, replicas in static_r["rows"].items():
             reference[key] = torch.tensor(replicas[0])  # model placement: exactly one replica
-    seen = set()
-    for _, dynamic_r in results:
-        for key, replicas in dynamic_r["rows"].items():
-            seen.add(key)
-            for replica in replicas:
-                torch.testing.assert_close(torch.tensor(replica), reference[key], rtol=1e-5, atol=1e-10)
-    assert seen == set(reference)  # every logical expert of every layer is held somewhere
+    for k, run in enumerate(rebalanced, start=1):
+        assert run["moved"] > 0  # placements really changed
+        torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(static["losses"]),
+                                   rtol=1e-5, atol=0)
+        seen = set()
+        for rank_runs in results:
+            for key, replicas in rank_runs[k]["rows"].items():
+                seen.add(key)
+                for replica in replicas:
+                    torch.testing.assert_close(torch.tensor(replica), reference[key], rtol=1e-5, atol=1e-10)
+        assert seen == set(reference)  # every logical expert of every layer is held somewhere
+    assert len(rebalanced) == (2 if world_size == 2 else 1)

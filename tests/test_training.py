@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ep_megatron.trainer.loop import deepspeed_config, load_config, lr_at, moe_config
+from ep_megatron.trainer.config import deepspeed_config, load_config, lr_at, moe_config
 from tests.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +29,9 @@ TRAIN_FIELDS = {"step", "loss", "lr", "tokens_per_s", "aux_losses", "expert_load
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_validates(path):
     config = load_config(path)
-    moe = moe_config(config, config.train.expert_parallel_size or 4)
+    moe = moe_config(config)
     num_moe = len(range(0, config.model["num_layers"], config.model.get("moe_layer_freq", 1)))
-    placement = moe.placement(num_moe)
+    placement = moe.placement(num_moe, config.train.expert_parallel_size or 4)
     assert placement.num_slots == moe.num_experts + moe.num_redundant_experts
     assert lr_at(0, config.train) > 0
 
@@ -227,9 +227,10 @@ def test_accumulating_a_micro_batch_twice_gives_its_gradient_aux_losses_included
 
     from ep_megatron.config import MoEConfig
     from ep_megatron.layer import MoELayer
+    from ep_megatron.layer.moe_layers import MoELayers
     from ep_megatron.parallel import ParallelGroups
-    from ep_megatron.trainer.loop import forward_backward
     from ep_megatron.trainer.model import GPTConfig, MoEGPT
+    from ep_megatron.trainer.step import forward_backward
 
     torch.set_default_dtype(torch.float64)
     try:
@@ -237,14 +238,15 @@ def test_accumulating_a_micro_batch_twice_gives_its_gradient_aux_losses_included
                         ffn_hidden_size=64)
         moe = MoEConfig(hidden_size=32, ffn_hidden_size=32, num_experts=4, top_k=2, aux_loss_coeff=0.5,
                         z_loss_coeff=0.1, load_balancing_type="aux_loss")
-        model = MoEGPT(gpt, lambda i: MoELayer(moe, moe.placement(2), ParallelGroups.single(), i))
+        placement = moe.placement(2, ep_size=1)
+        model = MoEGPT(gpt, lambda i: MoELayer(moe, placement, ParallelGroups.single(), i))
         tokens = torch.randint(0, 40, (3, 17), generator=torch.Generator().manual_seed(0))
         batch = (tokens[:, :-1], tokens[:, 1:])
         grads = []
         for micro in ([batch], [batch, batch]):
             model.zero_grad(set_to_none=True)
             loss, rows, aux = forward_backward(
-                list(model.moe_layers()), micro, lambda i, t: model(i, t)[0],
+                MoELayers(model), micro, lambda i, t: model(i, t)[0],
                 lambda loss: (loss / len(micro)).backward())  # noqa: B023 - called inside this iteration
             grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
             assert rows == [3 * 16 * 2 * len(micro)] * 2 and aux["aux_loss"] > 0 and aux["z_loss"] > 0

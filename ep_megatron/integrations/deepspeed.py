@@ -22,8 +22,10 @@ resumes under another EP size, placement or ZeRO stage.
 
 Usage (instead of ``deepspeed.initialize(model=..., optimizer=..., config=...)``)::
 
-    engine, *_ = ep_megatron.integrations.deepspeed.initialize(model, groups, optimizer_fn, ds_config)
-    save_checkpoint(root, step, engine.module, checkpoint_optimizer(engine), groups, moe_config=cfg)
+    moe = MoELayers(model)
+    engine, *_ = ep_megatron.integrations.deepspeed.initialize(moe, optimizer_fn, ds_config)
+    rebalancer = Rebalancer(moe, optimizer_rows(engine), RebalanceConfig(...))
+    save_checkpoint(root, step, moe, checkpoint_optimizer(engine), rebalancer=rebalancer)
 """
 
 from __future__ import annotations
@@ -34,46 +36,36 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ep_megatron.layer import MoELayer
-from ep_megatron.parallel import ParallelGroups
-from ep_megatron.parallel.grad_sync import (
-    clip_grad_norm_,
-    expert_params,
-    moe_layers,
-    optimizer_param_groups,
-    sync_replica_grads,
-)
-from ep_megatron.services.rebalance import deepspeed_state_keys
+from ep_megatron.layer.moe_layers import MoELayers, ParamGroups
+from ep_megatron.parallel.grad_sync import clip_grad_norm_, sync_replica_grads
+from ep_megatron.parallel.groups import ParallelGroups
+from ep_megatron.services.migration import OptimizerRows
+from ep_megatron.services.migration import optimizer_rows as torch_optimizer_rows
 
-ParamGroups = list[dict[str, Any]]
+_ZERO_WRAPPERS = ("DeepSpeedZeroOptimizer", "BF16_Optimizer")  # linked to DeepSpeed's public safe_* helpers
 
 
-def _expert_params(model: nn.Module) -> dict[int, tuple[MoELayer, nn.Parameter]]:
-    """``id(param) -> (layer, param)`` for the stacked expert parameters ``[local_slots, ...]``."""
-    return {id(p): (layer, p) for layer in moe_layers(model) for p in expert_params(layer)}
-
-
-def expert_group_name(model: nn.Module) -> str:
+def expert_group_name(moe: MoELayers) -> str:
     """The ``group_name`` every expert parameter carries (DeepSpeed's expert-group key)."""
-    names = {getattr(p, "group_name", None) for _, p in _expert_params(model).values()}
+    names = {getattr(p, "group_name", None) for p in moe.expert_params()}
     if len(names) != 1 or None in names:
         raise ValueError(f"expert parameters must share one group_name, found {sorted(map(str, names))}")
     return names.pop()
 
 
-def param_groups(model: nn.Module, weight_decay: float | None = None) -> ParamGroups:
-    """``optimizer_param_groups`` (grad_sync) with the expert group in DeepSpeed's MoE group.
+def param_groups(moe: MoELayers, weight_decay: float | None = None) -> ParamGroups:
+    """:meth:`MoELayers.param_groups` with the expert group in DeepSpeed's MoE group.
 
     The expert group has ``moe=True`` and ``name=group_name``, DeepSpeed's markers for a group reduced and
     partitioned over the expert-data-parallel group. ``weight_decay=None`` leaves the optimizer's default.
     """
-    groups = optimizer_param_groups(model, weight_decay)
+    groups = moe.param_groups(weight_decay)
     for group in groups:
         if group["name"] == "experts":
-            group.update(moe=True, name=expert_group_name(model))
+            group.update(moe=True, name=expert_group_name(moe))
     return groups
 
 
@@ -88,16 +80,17 @@ class ReplicaGradHooks:
     (empty slots too), so its hook fires on every rank even when the rank received no token.
     """
 
-    def __init__(self, model: nn.Module, groups: ParallelGroups) -> None:
+    def __init__(self, moe: MoELayers) -> None:
         self.bytes_sent = 0  # bytes this rank sent since the last take_bytes_sent()
         self.handles: list[RemovableHandle] = []  # one per expert parameter (handle.remove() detaches)
-        for layer, param in _expert_params(model).values():
-            self.handles.append(param.register_hook(self._hook(layer, groups)))
+        for layer in moe.layers:
+            for param in moe.layer_expert_params(layer):
+                self.handles.append(param.register_hook(self._hook(moe, layer.layer_idx)))
 
-    def _hook(self, layer: MoELayer, groups: ParallelGroups) -> Callable[[torch.Tensor], torch.Tensor]:
-        def hook(grad: torch.Tensor) -> torch.Tensor:
+    def _hook(self, moe: MoELayers, layer_idx: int) -> Callable[[Tensor], Tensor]:
+        def hook(grad: Tensor) -> Tensor:
             summed = grad.clone()
-            self.bytes_sent += sync_replica_grads([summed], layer.placement, layer.layer_idx, groups, 1.0,
+            self.bytes_sent += sync_replica_grads([summed], moe.placement, layer_idx, moe.groups, 1.0,
                                                   reduce_edp=False)
             return summed
 
@@ -106,6 +99,68 @@ class ReplicaGradHooks:
     def take_bytes_sent(self) -> int:
         sent, self.bytes_sent = self.bytes_sent, 0
         return sent
+
+
+# ---- optimizer state rows for the rebalancer ---------------------------------------------------------
+def deepspeed_state_keys(engine: Any) -> list[str]:
+    """Per-element state names (``exp_avg``, ...) of a DeepSpeed ZeRO-1/2 / bf16 optimizer's base
+    optimizer, whose state lives on flat fp32 partitions; empty before its first step."""
+    base = getattr(engine.optimizer, "optimizer", None)
+    keys = set()
+    for state in getattr(base, "state", {}).values():
+        keys.update(k for k, v in state.items() if isinstance(v, Tensor) and v.numel() > 1)
+    return sorted(keys)
+
+
+class ZeroOptimizerRows:
+    """DeepSpeed ZeRO 1/2 or bf16 optimizer: low-precision parameter rows plus the fp32 master and
+    optimizer-state rows, read and written whole with DeepSpeed's public ``safe_*_full_*`` helpers
+    (each a collective over the parameter's data-parallel group, reached by all ranks in order)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def gather(self, params: list[nn.Parameter]) -> list[Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        tensors: list[Tensor] = []
+        for p in params:
+            master = safe_get_full_fp32_param(p)
+            if master is None:
+                raise RuntimeError("an expert parameter is not managed by the DeepSpeed optimizer")
+            tensors += [p.data, master.clone()]
+            keys = deepspeed_state_keys(self.engine)
+            tensors += [safe_get_full_optimizer_state(p, key).clone() for key in keys]
+        return tensors
+
+    def commit(self, params: list[nn.Parameter], tensors: list[Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        keys = deepspeed_state_keys(self.engine)
+        per_param = 2 + len(keys)
+        for i, p in enumerate(params):
+            own = tensors[i * per_param : (i + 1) * per_param]
+            safe_set_full_fp32_param(p, own[1])
+            for key, value in zip(keys, own[2:]):
+                safe_set_full_optimizer_state(p, value, key)
+
+    def managed_params(self) -> set[int] | None:
+        return None  # DeepSpeed's groups hold flat partitions, not the model's parameters
+
+
+def optimizer_rows(engine: Any) -> OptimizerRows:
+    """The rebalancer's view of an engine's optimizer state (ZeRO 0 fp32, ZeRO 1/2 fp32 or bf16)."""
+    stage = engine.zero_optimization_stage()
+    if stage == 3:
+        raise ValueError("optimizer: DeepSpeed ZeRO stage 3 is not supported (expert rows are partitioned "
+                         "per parameter); use ZeRO stage 0, 1 or 2")
+    wrapper = type(engine.optimizer).__name__
+    if wrapper in _ZERO_WRAPPERS:
+        return ZeroOptimizerRows(engine)
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        raise ValueError(f"optimizer: DeepSpeed's {wrapper} (ZeRO stage {stage} with fp16/bf16) keeps fp32 "
+                         f"masters without public accessors; use ZeRO stage 1 or 2")
+    return torch_optimizer_rows(engine.optimizer)
 
 
 # ---- DeepSpeed groups and MoE detection ------------------------------------------------------------
@@ -162,51 +217,46 @@ def replica_grad_hooks(engine: Any) -> ReplicaGradHooks:
 
 
 # ---- true global gradient norm -----------------------------------------------------------------------
-def _owner_row_weight(layer: MoELayer, groups: ParallelGroups) -> torch.Tensor:
-    """``[local_slots]`` 1.0 for owner slots, 0.0 for other replicas (each logical expert counted once)."""
-    return layer.placement.is_owner(groups.ep_rank)[layer.layer_idx].to(torch.float32)
-
-
-def _zero_partition_norm(optimizer: Any, model: nn.Module, groups: ParallelGroups) -> torch.Tensor:
+def _zero_partition_norm(optimizer: Any, moe: MoELayers) -> Tensor:
     """True global L2 norm of the gradients a ZeRO-1/2 optimizer holds (its ``averaged_gradients``).
 
     Each rank holds one flat partition per parameter group (dense: over all ranks; experts: over the EDP
     group), so summing the squared partitions over all ranks counts every physical slot once; owner
     weights per row then count every logical expert once.
     """
-    experts = _expert_params(model)
+    owner_weight = moe.owner_mask().to(torch.float64)  # [L, S]: 1 for owner slots, 0 for other replicas
+    layer_of = {id(p): layer.layer_idx for layer in moe.layers for p in moe.layer_expert_params(layer)}
     total = torch.zeros((), dtype=torch.float64)
     for i, params in enumerate(optimizer.params_in_partition):
         for j, (grad, param) in enumerate(zip(optimizer.averaged_gradients[i], params)):
             sq = grad.detach().reshape(-1).to(torch.float64).pow(2)
-            if id(param) in experts:
+            if id(param) in layer_of:
                 row_numel = param.numel() // param.shape[0]
                 start = optimizer.first_offset[i] if j == 0 else 0
                 rows = (torch.arange(sq.numel()) + start) // row_numel
-                sq = sq * _owner_row_weight(experts[id(param)][0], groups).to(torch.float64)[rows]
+                sq = sq * owner_weight[layer_of[id(param)]][rows]
             total += sq.sum()
     dist.all_reduce(total, group=dist.group.WORLD)
     return total.sqrt().to(torch.float32)
 
 
-def _install_true_norm(engine: Any, model: nn.Module, groups: ParallelGroups) -> None:
+def _install_true_norm(engine: Any, moe: MoELayers) -> None:
     """Replace DeepSpeed's gradient norm by the true one on ``engine`` (ZeRO 0 fp32, ZeRO 1/2)."""
     stage = engine.zero_optimization_stage()
     if stage in (1, 2):
         optimizer = engine.optimizer
 
-        def scaled_global_norm(self: Any, norm_type: int = 2) -> torch.Tensor:
+        def scaled_global_norm(self: Any, norm_type: int = 2) -> Tensor:
             if norm_type != 2:
                 raise ValueError(f"norm_type={norm_type}: only the L2 norm is supported")
-            return _zero_partition_norm(self, model, groups)
+            return _zero_partition_norm(self, moe)
 
         optimizer.scaled_global_norm = types.MethodType(scaled_global_norm, optimizer)
     elif stage == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
-        experts = _expert_params(model)
-        dense = [p for p in model.parameters() if id(p) not in experts]
+        dense = moe.dense_params()
 
         def clip_fp32_gradients(self: Any) -> None:
-            norm = clip_grad_norm_(dense, model, groups, self.gradient_clipping())
+            norm = clip_grad_norm_(moe, dense, self.gradient_clipping())
             self._global_grad_norm = norm.item()
 
         engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
@@ -231,15 +281,16 @@ def _link_state_after_every_group(zero_optimizer: Any) -> None:
     zero_optimizer._lazy_init_hp_params_optimizer_state = link_when_complete
 
 
-def initialize(model: nn.Module, groups: ParallelGroups,
-               optimizer_fn: Callable[[ParamGroups], torch.optim.Optimizer] | None,
+def initialize(moe: MoELayers, optimizer_fn: Callable[[ParamGroups], torch.optim.Optimizer] | None,
                config: dict[str, Any], *, weight_decay: float | None = None,
                **kwargs: Any) -> tuple[Any, ...]:
-    """``deepspeed.initialize`` for a model with our MoE layers; returns what DeepSpeed returns.
+    """``deepspeed.initialize`` for ``moe.model`` (a model with our MoE layers); returns what DeepSpeed
+    returns.
 
     ``optimizer_fn(param_groups)`` builds the client optimizer from :func:`param_groups` (with
     ``weight_decay``; None: the ``optimizer`` section of ``config``). Supported: ZeRO stage 0 (fp32), 1 and
-    2 (fp32, bf16). :func:`checkpoint_optimizer` gives the optimizer to pass to our checkpoints.
+    2 (fp32, bf16). :func:`checkpoint_optimizer` gives the optimizer to pass to our checkpoints,
+    :func:`optimizer_rows` the one to pass to the rebalancer.
     """
     import deepspeed
 
@@ -248,21 +299,21 @@ def initialize(model: nn.Module, groups: ParallelGroups,
     if stage not in (0, 1, 2) or (stage == 0 and mixed):
         raise ValueError(f"zero_optimization.stage={stage} (bf16/fp16: {mixed}) is not supported: use stage "
                          "0 (fp32), 1 or 2")
-    experts = _expert_params(model)
-    if not experts:
-        raise ValueError("model has no ep_megatron MoELayer")
-    name = expert_group_name(model)
-    register_deepspeed_groups(groups, name)
-    num_experts = next(iter(experts.values()))[0].placement.num_logical_experts
-    groups_ = param_groups(model, weight_decay)
-    hooks = ReplicaGradHooks(model, groups)
+    model = moe.model
+    if model is None:
+        raise ValueError("moe: build MoELayers from the model (MoELayers(model)) for DeepSpeed")
+    name = expert_group_name(moe)
+    register_deepspeed_groups(moe.groups, name)
+    groups_ = param_groups(moe, weight_decay)
+    hooks = ReplicaGradHooks(moe)
     model_groups = [{**group, "params": list(group["params"])} for group in groups_]  # ZeRO rewrites groups_
-    model.add_module(MARKER_NAME, _moe_marker_class()(num_experts, groups, name, hooks, model_groups))
+    marker = _moe_marker_class()(moe.placement.num_logical_experts, moe.groups, name, hooks, model_groups)
+    model.add_module(MARKER_NAME, marker)
     optimizer = optimizer_fn(groups_) if optimizer_fn is not None else None
     result = deepspeed.initialize(model=model, optimizer=optimizer,
                                   model_parameters=None if optimizer is not None else groups_,
                                   config=config, **kwargs)
-    _install_true_norm(result[0], model, groups)
+    _install_true_norm(result[0], moe)
     if type(result[0].optimizer).__name__ == "DeepSpeedZeroOptimizer":
         _link_state_after_every_group(result[0].optimizer)
     return result
@@ -360,7 +411,7 @@ def checkpoint_optimizer(engine: Any) -> Any:
     """The optimizer to pass to ``save_checkpoint`` / ``load_checkpoint`` for an engine built by
     :func:`initialize`: the torch optimizer itself (ZeRO 0, fp32), else a :class:`ZeroOptimizerState`."""
     wrapper = type(engine.optimizer).__name__
-    if wrapper in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
+    if wrapper in _ZERO_WRAPPERS:
         return ZeroOptimizerState(engine, _marker(engine).model_param_groups)
     if isinstance(engine.optimizer, torch.optim.Optimizer):
         return engine.optimizer

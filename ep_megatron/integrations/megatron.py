@@ -24,9 +24,8 @@ from torch import nn
 
 from ep_megatron.config import MoEConfig
 from ep_megatron.layer import MoELayer
+from ep_megatron.layer.moe_layers import MoELayers
 from ep_megatron.parallel import ParallelGroups, build_groups
-from ep_megatron.parallel.grad_sync import moe_layers
-from ep_megatron.placement import ExpertPlacement
 
 # Megatron TransformerConfig field -> MoEConfig field, copied as is.
 _DIRECT_FIELDS = {
@@ -38,9 +37,9 @@ _DIRECT_FIELDS = {
     "moe_router_bias_update_rate": "expert_bias_update_rate",
     "moe_expert_capacity_factor": "capacity_factor",
     "moe_token_drop_policy": "drop_policy",
-    "expert_model_parallel_size": "expert_parallel_size",
     "init_method_std": "init_std",
 }
+# expert_model_parallel_size is the size of the groups the layers are built with (groups_from_megatron).
 # Fields mapped with a conversion (see ``_mapped_fields``).
 _CONVERTED_FIELDS = (
     "ffn_hidden_size", "moe_ffn_hidden_size", "moe_router_pre_softmax", "gated_linear_unit",
@@ -201,14 +200,6 @@ def moe_layer_indices(transformer_config: Any) -> list[int]:
     return [i for i, is_moe in enumerate(freq) if is_moe]
 
 
-def build_placement(moe_config: MoEConfig, num_moe_layers: int, ep_size: int) -> ExpertPlacement:
-    """The initial placement of a model's MoE layers as ``moe_config`` names it."""
-    return ExpertPlacement.build(
-        moe_config.sharding_strategy, num_moe_layers, moe_config.num_experts, ep_size,
-        replicated_experts=moe_config.replicated_experts, num_redundant=moe_config.num_redundant_experts,
-    )
-
-
 class MegatronEPMoELayer(MoELayer):
     """:class:`MoELayer` built by Megatron's ``build_module`` as the MLP of a ``TransformerLayer``.
 
@@ -222,15 +213,15 @@ class MegatronEPMoELayer(MoELayer):
                  pg_collection: Any | None = None, moe_layer_idx: int | None = None, **ep_options: Any):
         del submodules  # our layer has no Megatron submodules
         moe_config = moe_config_from_megatron(config, **ep_options)
-        groups = groups_from_megatron(moe_config.expert_parallel_size, pg_collection)
+        groups = groups_from_megatron(config.expert_model_parallel_size, pg_collection)
         moe_layers = moe_layer_indices(config)
-        placement = build_placement(moe_config, len(moe_layers), groups.ep_size)
+        # Each layer builds an equal placement; MoELayers (ep_moe_layers) makes them one shared object.
+        placement = moe_config.placement(len(moe_layers), groups.ep_size)
         self._moe_layer_ids = moe_layers
         self._fixed_index = moe_layer_idx is not None
         if moe_layer_idx is None:
             moe_layer_idx = self._index_of(layer_number) if layer_number is not None else 0
         super().__init__(moe_config, placement, groups, layer_idx=moe_layer_idx)
-        self.num_transformer_layers = config.num_layers
 
     def _index_of(self, layer_number: int) -> int:
         layer = layer_number - 1  # Megatron numbers layers from 1
@@ -342,29 +333,6 @@ def get_gpt_layer_spec_with_ep_moe(normalization: str | None = None, qk_layernor
     return spec
 
 
-def get_gpt_decoder_block_spec_with_ep_moe(transformer_config: Any, normalization: str | None = None,
-                                           **ep_options: Any) -> Any:
-    """A ``TransformerBlockSubmodules`` with one spec per layer, honouring ``moe_layer_freq``.
-
-    MoE layers get our layer with its MoE-layer index fixed in the spec; the other layers keep Megatron's
-    dense local MLP.
-    """
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
-    moe_layers = moe_layer_indices(transformer_config)
-    layer_specs = []
-    for layer in range(transformer_config.num_layers):
-        spec = get_gpt_layer_local_spec(num_experts=None, normalization=normalization)
-        if layer in moe_layers:
-            params = {**ep_options, "moe_layer_idx": moe_layers.index(layer)}
-            spec.submodules.mlp = ModuleSpec(module=MegatronEPMoELayer, params=params)
-            spec.submodules.sharded_state_dict_keys_map = {}
-        layer_specs.append(spec)
-    return TransformerBlockSubmodules(layer_specs=layer_specs)
-
-
 # ---- Megatron-LM pretrain() glue -----------------------------------------------------------------------
 def add_ep_megatron_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM ``extra_args_provider``: our options next to Megatron's ``--moe-*`` flags."""
@@ -394,10 +362,9 @@ def ep_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def ep_moe_layers(model: nn.Module | Sequence[nn.Module]) -> list[MoELayer]:
-    """Our MoE layers of a Megatron model (or list of virtual-pipeline chunks), in module order."""
-    chunks = model if isinstance(model, Sequence) else [model]
-    return [layer for chunk in chunks for layer in moe_layers(chunk)]
+def ep_moe_layers(model: nn.Module | Sequence[nn.Module]) -> MoELayers:
+    """The owner of our MoE layers in a Megatron model (or list of virtual-pipeline chunks)."""
+    return MoELayers(model if isinstance(model, nn.Module) else nn.ModuleList(model))
 
 
 def build_rebalancer(model: nn.Module | Sequence[nn.Module], optimizer: Any,
@@ -417,10 +384,7 @@ def build_rebalancer(model: nn.Module | Sequence[nn.Module], optimizer: Any,
 
     if args.eplb_interval <= 0:
         return None
-    layers = ep_moe_layers(model)
-    if not layers:
-        raise ValueError("--eplb-interval is set but the model has no ep_megatron MoE layer")
+    moe = ep_moe_layers(model)
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)
-    config = RebalanceConfig(interval=args.eplb_interval, window=args.eplb_window or args.eplb_interval,
-                             num_redundant_experts=args.num_redundant_experts)
-    return Rebalancer(layers, torch_optimizer, layers[0].groups, config)
+    config = RebalanceConfig(interval=args.eplb_interval, window=args.eplb_window or args.eplb_interval)
+    return Rebalancer(moe, torch_optimizer, config)

@@ -22,30 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ep_megatron.parallel.comm import AllToAll, all_to_all
 from ep_megatron.placement import ExpertPlacement
-
-
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with variable splits; backward sends gradients back with swapped splits."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, send_splits: list[int], recv_splits: list[int],  # type: ignore[override]
-                group: dist.ProcessGroup) -> Tensor:
-        ctx.splits, ctx.group = (send_splits, recv_splits), group
-        return _all_to_all(rows, send_splits, recv_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        send_splits, recv_splits = ctx.splits
-        return _all_to_all(grad, recv_splits, send_splits, ctx.group), None, None, None
-
-
-def _all_to_all(rows: Tensor, send_splits: list[int], recv_splits: list[int],
-                group: dist.ProcessGroup) -> Tensor:
-    """``rows [sum(send_splits), *row] -> [sum(recv_splits), *row]`` over ``group``."""
-    out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), recv_splits, send_splits, group=group)
-    return out
 
 
 @dataclass(frozen=True)
@@ -148,7 +126,7 @@ class TokenDispatcher:
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
         # [M, hidden], grouped by source rank, then local slot
-        received = _AllToAll.apply(rows, send_splits, recv_splits, self.ep_group)
+        received = AllToAll.apply(rows, send_splits, recv_splits, self.ep_group)
         local_slot_of_row = torch.arange(slots_per_rank, device=tokens.device).repeat(self.ep_size)
         local_slot_of_row = local_slot_of_row.repeat_interleave(recv_counts.to(tokens.device).flatten())
         recv_sort = torch.argsort(local_slot_of_row, stable=True)
@@ -162,7 +140,7 @@ class TokenDispatcher:
         """``expert_output [M, hidden]`` (local-slot order) -> ``[T, hidden]`` weighted sum per token."""
         rows = expert_output
         if plan.recv_unsort is not None:
-            rows = _AllToAll.apply(rows[plan.recv_unsort], plan.recv_splits, plan.send_splits, self.ep_group)
+            rows = AllToAll.apply(rows[plan.recv_unsort], plan.recv_splits, plan.send_splits, self.ep_group)
         weighted = rows * plan.pair_probs.to(rows.dtype).unsqueeze(1)  # [N, hidden]
         out = weighted.new_zeros(plan.num_tokens, weighted.shape[1])
         return out.index_add(0, plan.token_index, weighted)
@@ -182,8 +160,8 @@ class TokenDispatcher:
         with torch.no_grad():
             flag = torch.full((self.ep_size, 1), int(failed), dtype=torch.int64, device=slot_counts.device)
             send = torch.cat([slot_counts.to(torch.int64), flag], dim=1).contiguous()
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.ep_group)
+            ones = [1] * self.ep_size
+            recv = all_to_all(send, ones, ones, self.ep_group, f"MoE layer {layer_idx} count exchange")
             send, recv = torch.stack([send, recv]).cpu().unbind(0)  # the one device-to-host sync
         failed_ranks = recv[:, -1].nonzero().flatten().tolist()
         if failed_ranks and not failed:

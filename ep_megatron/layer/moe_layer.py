@@ -51,7 +51,11 @@ class SharedExpertMLP(nn.Module):
 
 
 class MoELayer(nn.Module):
-    """An expert-parallel MoE MLP; ``layer_idx`` is this layer's row of ``placement``."""
+    """An expert-parallel MoE MLP; ``layer_idx`` is this layer's row of ``placement``.
+
+    A model's MoE layers share one placement, owned by :class:`~ep_megatron.layer.moe_layers.MoELayers`,
+    which alone switches it (after the rows were migrated).
+    """
 
     def __init__(self, config: MoEConfig, placement: ExpertPlacement, groups: ParallelGroups,
                  layer_idx: int = 0) -> None:
@@ -133,16 +137,6 @@ class MoELayer(nn.Module):
         capacity drops); resets the count."""
         return self.router.take_load()
 
-    def set_placement(self, new: ExpertPlacement) -> None:
-        """Switch to ``new`` after the caller migrated the expert rows (every rank, same step)."""
-        _check_placement(self.config, new, self.groups, self.layer_idx)
-        if new.slots_per_rank != self.experts.num_local_slots:
-            raise ValueError(
-                f"new placement has slots_per_rank={new.slots_per_rank}, the layer holds "
-                f"{self.experts.num_local_slots} local slots"
-            )
-        self.placement = new
-
     def update_expert_bias(self) -> None:
         """Once per optimizer step on every rank: aux-loss-free bias update from the global load."""
         self.router.update_expert_bias(self.groups.dp_group)
@@ -156,9 +150,9 @@ class MoELayer(nn.Module):
 def _check_placement(config: MoEConfig, placement: ExpertPlacement, groups: ParallelGroups,
                      layer_idx: int) -> None:
     """Structural checks, identical on every rank, so they raise before any collective everywhere."""
-    if placement.num_ranks != groups.ep_size:
+    if placement.ep_size != groups.ep_size:
         raise ValueError(
-            f"placement.num_ranks={placement.num_ranks} must equal the expert-parallel group size "
+            f"placement.ep_size={placement.ep_size} must equal the expert-parallel group size "
             f"groups.ep_size={groups.ep_size}"
         )
     if placement.num_logical_experts != config.num_experts:

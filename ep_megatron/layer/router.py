@@ -22,19 +22,18 @@ _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
 class AuxLossAutoScaler(torch.autograd.Function):
-    """Identity on ``output``; in backward, gives ``aux_loss`` the gradient ``scale`` (default 1)."""
-
-    loss_scale: float = 1.0  # set to the main loss scale (e.g. 1 / grad-accumulation steps) if needed
+    """Identity on ``output``; in backward, gives ``aux_loss`` the gradient ``scale``."""
 
     @staticmethod
-    def forward(ctx, output: Tensor, aux_loss: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, output: Tensor, aux_loss: Tensor, scale: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(aux_loss)
+        ctx.scale = scale
         return output.view_as(output)
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
         (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux_loss, AuxLossAutoScaler.loss_scale)
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,8 @@ class TopKRouter(nn.Module):
         self.register_buffer("load_since_take", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("load_since_bias", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.last_aux_losses: dict[str, float] = {}
+        # Gradient of each aux loss: the main loss's scale, e.g. 1 / micro-batches (set by MoELayers).
+        self.aux_loss_scale = 1.0
 
     # ---- forward -----------------------------------------------------------------------------------
     def logits(self, tokens: Tensor) -> Tensor:
@@ -105,7 +106,7 @@ class TopKRouter(nn.Module):
             losses["z_loss"] = z_loss(logits, cfg.z_loss_coeff)
         self.last_aux_losses = {name: float(loss.detach()) for name, loss in losses.items()}
         for loss in losses.values():
-            probs = AuxLossAutoScaler.apply(probs, loss)
+            probs = AuxLossAutoScaler.apply(probs, loss, self.aux_loss_scale)
         return probs
 
     # ---- bookkeeping ---------------------------------------------------------------------------------

@@ -21,14 +21,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
-from ep_megatron.parallel import ParallelGroups
+from ep_megatron.parallel.comm import exchange
+from ep_megatron.parallel.groups import ParallelGroups
 from ep_megatron.placement import ExpertPlacement
+
+if TYPE_CHECKING:  # the owner sits above this module; it is only read through its attributes here
+    from ep_megatron.layer.moe_layers import MoELayers
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class LayerGrads:
     """The expert gradients of one MoE layer on this rank, synced in place."""
 
     grads: Sequence[Tensor]  # each [local_slots, ...]; one dtype and device for all layers
-    placement: ExpertPlacement  # the layer's current placement (num_ranks == ep_size)
+    placement: ExpertPlacement  # the layer's current placement (its ep_size equals the group's)
     layer_idx: int  # row of ``placement`` this layer uses
 
 
@@ -68,14 +72,14 @@ class _LayerPlan:
 
 
 def _layer_plan(placement: ExpertPlacement, layer_idx: int, ep_rank: int, device: torch.device) -> _LayerPlan:
-    num_ranks, slots_per_rank = placement.num_ranks, placement.slots_per_rank
+    ep_size, slots_per_rank = placement.ep_size, placement.slots_per_rank
     num_experts = placement.num_logical_experts
-    rank_ids = placement.physical_to_logical[layer_idx].view(num_ranks, slots_per_rank)  # [ep, S]
-    held = torch.zeros(num_ranks, num_experts, dtype=torch.bool).scatter_(1, rank_ids, True)  # [ep, E]
+    rank_ids = placement.physical_to_logical[layer_idx].view(ep_size, slots_per_rank)  # [ep, S]
+    held = torch.zeros(ep_size, num_experts, dtype=torch.bool).scatter_(1, rank_ids, True)  # [ep, E]
     owner_rank = placement.owner_slot[layer_idx] // slots_per_rank  # [E]
-    owns = owner_rank.unsqueeze(0) == torch.arange(num_ranks).unsqueeze(1)  # [ep, E]
+    owns = owner_rank.unsqueeze(0) == torch.arange(ep_size).unsqueeze(1)  # [ep, E]
     sends = held.unsqueeze(1) & owns.unsqueeze(0)  # [src, dst, E]
-    sends &= ~torch.eye(num_ranks, dtype=torch.bool).unsqueeze(-1)
+    sends &= ~torch.eye(ep_size, dtype=torch.bool).unsqueeze(-1)
 
     held_ids = held[ep_rank].nonzero().flatten()  # [H]
     owned_ids = owns[ep_rank].nonzero().flatten()  # [O]
@@ -96,8 +100,8 @@ def _layer_plan(placement: ExpertPlacement, layer_idx: int, ep_rank: int, device
         slot_held_pos=slot_held_pos.to(device),
         copies=tuple(copies),
         own_pos=held_pos[owned_ids].to(device),
-        send_pos=tuple(held_pos[sends[ep_rank, q].nonzero().flatten()].to(device) for q in range(num_ranks)),
-        recv_pos=tuple(owned_pos[sends[q, ep_rank].nonzero().flatten()].to(device) for q in range(num_ranks)),
+        send_pos=tuple(held_pos[sends[ep_rank, q].nonzero().flatten()].to(device) for q in range(ep_size)),
+        recv_pos=tuple(owned_pos[sends[q, ep_rank].nonzero().flatten()].to(device) for q in range(ep_size)),
         num_held=len(held_ids),
         traffic=sends.sum(-1),
     )
@@ -110,9 +114,9 @@ def _check_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_sca
     kinds = set()
     for i, item in enumerate(layers):
         placement = item.placement
-        if placement.num_ranks != groups.ep_size:
+        if placement.ep_size != groups.ep_size:
             raise ValueError(
-                f"layer {i}: placement.num_ranks={placement.num_ranks} must equal "
+                f"layer {i}: placement.ep_size={placement.ep_size} must equal "
                 f"groups.ep_size={groups.ep_size}"
             )
         if not 0 <= item.layer_idx < placement.num_layers:
@@ -130,24 +134,6 @@ def _check_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_sca
             kinds.add((grad.dtype, grad.device))
     if len(kinds) > 1:
         raise ValueError(f"all expert grads must share one (dtype, device), found {sorted(map(str, kinds))}")
-
-
-def _all_to_all(
-    pieces: list[list[Tensor]], recv_numels: list[list[int]], groups: ParallelGroups, like: Tensor
-) -> list[list[Tensor]]:
-    """Send ``pieces[dst][layer]`` (flat) over the EP group; return ``received[src][layer]`` (flat)."""
-    send = torch.cat([piece for per_rank in pieces for piece in per_rank])
-    recv = like.new_empty(sum(map(sum, recv_numels)))
-    dist.all_to_all_single(
-        recv,
-        send,
-        output_split_sizes=[sum(numels) for numels in recv_numels],
-        input_split_sizes=[sum(piece.numel() for piece in per_rank) for per_rank in pieces],
-        group=groups.ep_group,
-    )
-    flat = recv.split([n for numels in recv_numels for n in numels])
-    num_layers = len(recv_numels[0])
-    return [list(flat[q * num_layers : (q + 1) * num_layers]) for q in range(len(recv_numels))]
 
 
 def _pack_rows(grads: Sequence[Tensor]) -> Tensor:
@@ -183,14 +169,14 @@ def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: Par
     rows = [_pack_rows(item.grads) for item in layers]  # [S, row_l]
     widths = [r.shape[1] for r in rows]
     partials = [_local_partials(r, plan) for r, plan in zip(rows, plans)]  # [H_l, row_l]
-    exchange = any(int(plan.traffic.sum()) > 0 for plan in plans)  # same answer on every rank
+    has_traffic = any(int(plan.traffic.sum()) > 0 for plan in plans)  # same answer on every rank
 
     # Phase 1: non-owners send their partial rows to the owner's rank.
     received: list[list[Tensor]] = [[rows[0].new_empty(0)] * len(layers) for _ in range(ep_size)]
-    if exchange:
+    if has_traffic:
         pieces = [[p[plan.send_pos[q]].flatten() for p, plan in zip(partials, plans)] for q in range(ep_size)]
         recv_numels = [[len(plan.recv_pos[q]) * w for plan, w in zip(plans, widths)] for q in range(ep_size)]
-        received = _all_to_all(pieces, recv_numels, groups, rows[0])
+        received = exchange(pieces, recv_numels, groups.ep_group, rows[0], "replica grad sync")
 
     # Owner sums in fixed source-rank order; then EDP sum and scale.
     owned = []
@@ -209,10 +195,10 @@ def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: Par
     owned = [t.view(-1, w) for t, w in zip(flat_owned.split([t.numel() for t in owned]), widths)]
 
     # Phase 2: owners send the result to every other rank holding a replica.
-    if exchange:
+    if has_traffic:
         pieces = [[t[plan.recv_pos[q]].flatten() for t, plan in zip(owned, plans)] for q in range(ep_size)]
         recv_numels = [[len(plan.send_pos[q]) * w for plan, w in zip(plans, widths)] for q in range(ep_size)]
-        received = _all_to_all(pieces, recv_numels, groups, rows[0])
+        received = exchange(pieces, recv_numels, groups.ep_group, rows[0], "replica grad sync")
     for i, (item, plan, width) in enumerate(zip(layers, plans, widths)):
         final = owned[i].new_empty(plan.num_held, width)  # [H, row]
         final[plan.own_pos] = owned[i]
@@ -257,63 +243,10 @@ def sync_replica_grads(
     return sync_layers([LayerGrads(grads, placement, layer_idx)], groups, grad_scale, reduce_edp).bytes_sent
 
 
-# ---- MoE layers (the MoELayer contract: .placement, .layer_idx, .experts) --------------------------------
-def _is_moe_layer(module: nn.Module) -> bool:
-    return all(hasattr(module, attr) for attr in ("placement", "layer_idx", "experts"))
-
-
-def named_moe_layers(model: nn.Module) -> list[tuple[str, Any]]:
-    """``(module prefix, layer)`` of every MoE layer of ``model`` (duck-typed), in module order."""
-    return [(name, module) for name, module in model.named_modules() if _is_moe_layer(module)]
-
-
-def moe_layers(model_or_layers: nn.Module | Iterable[Any]) -> list[Any]:
-    """The MoE layers of a model (submodules with ``placement``, ``layer_idx`` and ``experts``), or a list."""
-    if isinstance(model_or_layers, nn.Module):
-        return [layer for _, layer in named_moe_layers(model_or_layers)]
-    return list(model_or_layers)
-
-
-def expert_params(layer: Any) -> list[nn.Parameter]:
-    """Trainable parameters of ``layer.experts``; each must be ``[local_slots, ...]``."""
-    slots_per_rank = layer.placement.slots_per_rank
-    params = []
-    for name, param in layer.experts.named_parameters():
-        if param.dim() < 1 or param.shape[0] != slots_per_rank:
-            raise ValueError(
-                f"layer {layer.layer_idx}: experts.{name} has shape {tuple(param.shape)}, expected "
-                f"[local_slots={slots_per_rank}, ...]"
-            )
-        if param.requires_grad:
-            params.append(param)
-    return params
-
-
-def optimizer_param_groups(model: nn.Module, weight_decay: float | None = None) -> list[dict[str, Any]]:
-    """Optimizer parameter groups ``[dense matrices, dense vectors, experts]`` (empty groups dropped).
-
-    ``weight_decay`` (when given) decays matrices and stacked expert weights; vectors (norms, biases) get
-    0. ``None`` leaves the optimizer's default everywhere. The expert group is the one integrations mark
-    for expert-data-parallel handling; the same groups under any optimizer keep checkpoints compatible.
-    """
-    experts = [p for layer in moe_layers(model) for p in expert_params(layer)]
-    expert_ids = {id(p) for p in experts}
-    dense = [p for p in model.parameters() if id(p) not in expert_ids and p.requires_grad]
-    groups = [
-        {"name": "dense", "params": [p for p in dense if p.dim() >= 2]},
-        {"name": "dense_no_decay", "params": [p for p in dense if p.dim() < 2]},
-        {"name": "experts", "params": experts},
-    ]
-    if weight_decay is not None:
-        for group in groups:
-            group["weight_decay"] = 0.0 if group["name"] == "dense_no_decay" else weight_decay
-    return [group for group in groups if group["params"]]
-
-
-def _expert_grads(layer: Any) -> list[Tensor]:
+def _expert_grads(moe: MoELayers, layer: object) -> list[Tensor]:
     """Gradients of the layer's expert parameters; a missing grad (no tokens) becomes zeros."""
     grads = []
-    for param in expert_params(layer):
+    for param in moe.layer_expert_params(layer):
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         grads.append(param.grad)
@@ -323,68 +256,62 @@ def _expert_grads(layer: Any) -> list[Tensor]:
 class ExpertGradSync:
     """Make every replica's expert gradient the replica + EDP sum times ``grad_scale``, in place.
 
-    ``layers`` is a model (its MoE layers are found by duck typing) or a sequence of MoE layers.
-    Placements are read at every call, so a rebalance that switches ``layer.placement`` needs nothing
-    else; no process group is created. ``grad_scale`` defaults to ``1 / groups.world_size`` (a loss
-    averaged over data-parallel ranks).
+    Reads the layers and their placement from ``moe`` at every call, so a rebalance needs nothing else;
+    index plans are cached per placement object. No process group is created. ``grad_scale`` defaults to
+    ``1 / world_size`` (a loss averaged over data-parallel ranks).
     """
 
-    def __init__(self, layers: nn.Module | Iterable[Any], groups: ParallelGroups,
-                 grad_scale: float | None = None) -> None:
-        self.layers = moe_layers(layers)
-        self.groups = groups
-        self.grad_scale = 1.0 / groups.world_size if grad_scale is None else float(grad_scale)
+    def __init__(self, moe: MoELayers, grad_scale: float | None = None) -> None:
+        self.moe = moe
+        self.grad_scale = 1.0 / moe.groups.world_size if grad_scale is None else float(grad_scale)
         if not math.isfinite(self.grad_scale):
             raise ValueError(f"grad_scale={grad_scale} must be finite")
-        self._plans: dict[int, tuple[ExpertPlacement, _LayerPlan]] = {}  # layer index -> (placement, plan)
+        self._plans: tuple[ExpertPlacement, list[_LayerPlan]] | None = None
 
-    def _plan(self, i: int, item: LayerGrads) -> _LayerPlan:
-        cached = self._plans.get(i)
-        if cached is None or cached[0] is not item.placement:
-            plan = _layer_plan(item.placement, item.layer_idx, self.groups.ep_rank, item.grads[0].device)
-            cached = self._plans[i] = (item.placement, plan)
-        return cached[1]
+    def _layer_plans(self, items: Sequence[LayerGrads]) -> list[_LayerPlan]:
+        placement = self.moe.placement
+        if self._plans is None or self._plans[0] is not placement:
+            device, ep_rank = items[0].grads[0].device, self.moe.groups.ep_rank
+            plans = [_layer_plan(placement, item.layer_idx, ep_rank, device) for item in items]
+            self._plans = (placement, plans)
+        return self._plans[1]
 
     def sync_grads(self) -> SyncStats:
         """Sync all expert grads in place; every rank must call this after the same backward."""
-        items = [LayerGrads(_expert_grads(layer), layer.placement, layer.layer_idx) for layer in self.layers]
-        _check_layers(items, self.groups, self.grad_scale)
-        plans = [self._plan(i, item) for i, item in enumerate(items)]
-        return _sync(items, plans, self.groups, self.grad_scale)
+        moe = self.moe
+        items = [LayerGrads(_expert_grads(moe, layer), moe.placement, layer.layer_idx)
+                 for layer in moe.layers]
+        _check_layers(items, moe.groups, self.grad_scale)
+        return _sync(items, self._layer_plans(items), moe.groups, self.grad_scale)
 
     __call__ = sync_grads
 
 
 # ---- true gradient norm ------------------------------------------------------------------------------
 @torch.no_grad()
-def expert_grad_norm_sq(layers: nn.Module | Iterable[Any], groups: ParallelGroups) -> Tensor:
+def expert_grad_norm_sq(moe: MoELayers) -> Tensor:
     """Squared L2 norm (fp32 scalar) of the expert grads, each logical expert counted once.
 
     Call after the sync: only owner slots count, summed over the EP group; EDP ranks hold identical
     grads and are not summed again. Does not depend on how many replicas an expert has.
     """
-    layers = moe_layers(layers)
-    params = [expert_params(layer) for layer in layers]
+    owner_mask = moe.owner_mask()  # [L, S]
+    params = [moe.layer_expert_params(layer) for layer in moe.layers]
     device = next((p.device for ps in params for p in ps), torch.device("cpu"))
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for layer, layer_params in zip(layers, params):
-        if layer.placement.num_ranks != groups.ep_size:
-            raise ValueError(
-                f"layer {layer.layer_idx}: placement.num_ranks={layer.placement.num_ranks} must equal "
-                f"groups.ep_size={groups.ep_size}"
-            )
-        owner = layer.placement.is_owner(groups.ep_rank)[layer.layer_idx].to(device)  # [S] bool
+    for layer, layer_params in zip(moe.layers, params):
+        owner = owner_mask[layer.layer_idx].to(device)  # [S] bool
         for param in layer_params:
             if param.grad is not None:
                 total += param.grad[owner].float().pow(2).sum()
-    if groups.ep_size > 1:
-        dist.all_reduce(total, group=groups.ep_group)
+    if moe.groups.ep_size > 1:
+        dist.all_reduce(total, group=moe.groups.ep_group)
     return total
 
 
 @torch.no_grad()
-def clip_grad_norm_(dense_params: Iterable[Tensor], layers: nn.Module | Iterable[Any], groups: ParallelGroups,
-                    max_norm: float, eps: float = 1e-6) -> Tensor:
+def clip_grad_norm_(moe: MoELayers, dense_params: Iterable[Tensor], max_norm: float,
+                    eps: float = 1e-6) -> Tensor:
     """Clip dense and expert grads in place by the true global norm; return that norm (fp32 scalar).
 
     ``dense_params`` must already be data-parallel averaged (identical on all ranks: counted once);
@@ -393,18 +320,15 @@ def clip_grad_norm_(dense_params: Iterable[Tensor], layers: nn.Module | Iterable
     """
     if not (math.isfinite(max_norm) and max_norm > 0):
         raise ValueError(f"max_norm={max_norm} must be finite and > 0")
-    layers = moe_layers(layers)
-    experts = [p for layer in layers for p in expert_params(layer)]
-    expert_ids = {id(p) for p in experts}
     dense_params = list(dense_params)
-    if any(id(p) in expert_ids for p in dense_params):
-        raise ValueError("dense_params must not contain expert parameters (they are counted via layers)")
+    if any(moe.is_expert_param(p) for p in dense_params):
+        raise ValueError("dense_params must not contain expert parameters (the MoE layers count them)")
     dense = [p for p in dense_params if p.grad is not None]
-    total_sq = expert_grad_norm_sq(layers, groups)
+    total_sq = expert_grad_norm_sq(moe)
     for param in dense:
         total_sq += param.grad.float().pow(2).sum().to(total_sq.device)
     total = total_sq.sqrt()
     coef = (max_norm / (total + eps)).clamp(max=1.0)
-    for param in dense + [p for p in experts if p.grad is not None]:
+    for param in dense + [p for p in moe.expert_params() if p.grad is not None]:
         param.grad.mul_(coef.to(param.grad.device, param.grad.dtype))
     return total

@@ -1,9 +1,11 @@
 """Expert placement: which logical expert each physical slot of each MoE layer holds.
 
 Ids never mix: a **logical** expert ``e ∈ [0, E)`` is the model's expert, a **physical slot**
-``p ∈ [0, P)`` is a global slot id (rank ``p // slots_per_rank``), a **local slot**
-``l ∈ [0, P / num_ranks)`` indexes a rank's stacked expert weights. The four sharding strategies
-(``data``, ``model``, ``hybrid``, ``dynamic``) are just constructors of the same object.
+``p ∈ [0, P)`` is a global slot id (held by expert-parallel rank ``p // slots_per_rank``), a **local
+slot** ``l ∈ [0, P / ep_size)`` indexes a rank's stacked expert weights. Every "rank" in this module
+is a rank of the expert-parallel group (``ep_rank ∈ [0, ep_size)``), never a global rank. The four
+sharding strategies (``data``, ``model``, ``hybrid``, ``dynamic``) are just constructors of the same
+object.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ STRATEGIES = ("data", "model", "hybrid", "dynamic")
 
 @dataclass(frozen=True)
 class Transfer:
-    """One logical expert's rows sent from ``src_rank`` to ``dst_rank`` for one layer."""
+    """One logical expert's rows sent from EP rank ``src_ep_rank`` to ``dst_ep_rank`` for one layer."""
 
     layer: int  # MoE layer index
     logical_id: int  # the logical expert whose weights travel
-    src_rank: int  # a rank holding ``logical_id`` in the old placement
+    src_ep_rank: int  # an EP rank holding ``logical_id`` in the old placement
     src_local_slot: int  # the source's local slot in the old placement
-    dst_rank: int  # the rank that needs ``logical_id`` and held no replica of it
+    dst_ep_rank: int  # the EP rank that needs ``logical_id`` and held no replica of it
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class ExpertPlacement:
 
     physical_to_logical: torch.Tensor  # [L, P] int64: logical expert of each physical slot
     num_logical_experts: int  # E, logical experts per MoE layer
-    num_ranks: int  # expert-parallel size; slots are split evenly over ranks
+    ep_size: int  # expert-parallel size; slots are split evenly over the EP ranks
     num_nodes: int = 1  # nodes the expert-parallel ranks span (for hierarchical planning)
     strategy: str = "dynamic"  # the sharding strategy this placement was built for (informational)
 
@@ -68,13 +70,13 @@ class ExpertPlacement:
             raise ValueError("physical_to_logical needs at least one layer (num_layers >= 1)")
         if num_experts < 1:
             raise ValueError(f"num_logical_experts={num_experts} must be >= 1")
-        if self.num_ranks < 1 or num_slots % self.num_ranks != 0:
+        if self.ep_size < 1 or num_slots % self.ep_size != 0:
             raise ValueError(
-                f"num_slots={num_slots} must be a positive multiple of num_ranks={self.num_ranks}"
+                f"num_slots={num_slots} must be a positive multiple of ep_size={self.ep_size}"
             )
-        if self.num_nodes < 1 or self.num_ranks % self.num_nodes != 0:
+        if self.num_nodes < 1 or self.ep_size % self.num_nodes != 0:
             raise ValueError(
-                f"num_nodes={self.num_nodes} must be a positive divisor of num_ranks={self.num_ranks}"
+                f"num_nodes={self.num_nodes} must be a positive divisor of ep_size={self.ep_size}"
             )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} must be one of {STRATEGIES}")
@@ -110,67 +112,62 @@ class ExpertPlacement:
 
     @property
     def slots_per_rank(self) -> int:
-        return self.num_slots // self.num_ranks
+        return self.num_slots // self.ep_size
 
     @property
     def ranks_per_node(self) -> int:
-        return self.num_ranks // self.num_nodes
+        return self.ep_size // self.num_nodes
 
     @property
     def max_replicas(self) -> int:
         return self.logical_to_physical.shape[2]
 
     @property
-    def slot_rank(self) -> torch.Tensor:
-        """``[P]`` rank holding each physical slot."""
+    def slot_ep_rank(self) -> torch.Tensor:
+        """``[P]`` EP rank holding each physical slot."""
         return torch.arange(self.num_slots) // self.slots_per_rank
 
-    @property
-    def slot_node(self) -> torch.Tensor:
-        """``[P]`` node holding each physical slot."""
-        return self.slot_rank // self.ranks_per_node
-
-    def local_logical_ids(self, rank: int) -> torch.Tensor:
-        """``[L, slots_per_rank]`` logical expert of each local slot of ``rank``."""
-        self._check_rank(rank)
-        start = rank * self.slots_per_rank
+    def local_logical_ids(self, ep_rank: int) -> torch.Tensor:
+        """``[L, slots_per_rank]`` logical expert of each local slot of ``ep_rank``."""
+        self._check_ep_rank(ep_rank)
+        start = ep_rank * self.slots_per_rank
         return self.physical_to_logical[:, start : start + self.slots_per_rank]
 
-    def is_owner(self, rank: int) -> torch.Tensor:
-        """``[L, slots_per_rank]`` bool: which local slots of ``rank`` own their logical expert."""
-        self._check_rank(rank)
-        start = rank * self.slots_per_rank
+    def is_owner(self, ep_rank: int) -> torch.Tensor:
+        """``[L, slots_per_rank]`` bool: which local slots of ``ep_rank`` own their logical expert."""
+        self._check_ep_rank(ep_rank)
+        start = ep_rank * self.slots_per_rank
         local_slots = torch.arange(start, start + self.slots_per_rank)
-        owners = self.owner_slot.gather(1, self.local_logical_ids(rank))
+        owners = self.owner_slot.gather(1, self.local_logical_ids(ep_rank))
         return owners == local_slots
 
-    def _check_rank(self, rank: int) -> None:
-        if not 0 <= rank < self.num_ranks:
-            raise ValueError(f"rank={rank} must be in [0, num_ranks={self.num_ranks})")
+    def _check_ep_rank(self, ep_rank: int) -> None:
+        if not 0 <= ep_rank < self.ep_size:
+            raise ValueError(f"ep_rank={ep_rank} must be in [0, ep_size={self.ep_size})")
 
     # ---- strategies ---------------------------------------------------------------------------
     @classmethod
-    def data(cls, num_layers: int, num_experts: int, num_ranks: int, num_nodes: int = 1) -> ExpertPlacement:
-        """Every rank holds every expert: ``P = E * num_ranks``."""
-        row = torch.arange(num_experts).repeat(num_ranks)
-        return cls(row.expand(num_layers, -1), num_experts, num_ranks, num_nodes, "data")
+    def data(cls, num_layers: int, num_experts: int, ep_size: int, num_nodes: int = 1) -> ExpertPlacement:
+        """Every rank holds every expert: ``P = E * ep_size``."""
+        row = torch.arange(num_experts).repeat(ep_size)
+        return cls(row.expand(num_layers, -1), num_experts, ep_size, num_nodes, "data")
 
     @classmethod
-    def model(cls, num_layers: int, num_experts: int, num_ranks: int, num_nodes: int = 1) -> ExpertPlacement:
+    def model(cls, num_layers: int, num_experts: int, ep_size: int, num_nodes: int = 1) -> ExpertPlacement:
         """One copy of each expert, contiguous blocks per rank (Megatron's expert order)."""
-        if num_ranks < 1 or num_experts % num_ranks != 0:
+        if ep_size < 1 or num_experts % ep_size != 0:
             raise ValueError(
-                f"model strategy needs num_experts={num_experts} divisible by num_ranks={num_ranks}"
+                f"model strategy needs num_experts={num_experts} divisible by ep_size={ep_size}"
             )
         row = torch.arange(num_experts)
-        return cls(row.expand(num_layers, -1), num_experts, num_ranks, num_nodes, "model")
+        return cls(row.expand(num_layers, -1), num_experts, ep_size, num_nodes, "model")
 
     @classmethod
     def hybrid(
         cls,
         num_layers: int,
         num_experts: int,
-        num_ranks: int,
+        ep_size: int,
         replicated_experts: Sequence[int],
         num_nodes: int = 1,
     ) -> ExpertPlacement:
@@ -181,21 +178,21 @@ class ExpertPlacement:
         if any(not 0 <= e < num_experts for e in replicated):
             raise ValueError(f"replicated_experts={replicated} must be in [0, num_experts={num_experts})")
         sharded = [e for e in range(num_experts) if e not in replicated]
-        if num_ranks < 1 or len(sharded) % num_ranks != 0:
+        if ep_size < 1 or len(sharded) % ep_size != 0:
             raise ValueError(
                 f"hybrid strategy shards {len(sharded)} non-replicated experts, which must be divisible "
-                f"by num_ranks={num_ranks}"
+                f"by ep_size={ep_size}"
             )
-        block = len(sharded) // num_ranks
-        row = [e for r in range(num_ranks) for e in replicated + sharded[r * block : (r + 1) * block]]
-        return cls(torch.tensor(row).expand(num_layers, -1), num_experts, num_ranks, num_nodes, "hybrid")
+        block = len(sharded) // ep_size
+        row = [e for r in range(ep_size) for e in replicated + sharded[r * block : (r + 1) * block]]
+        return cls(torch.tensor(row).expand(num_layers, -1), num_experts, ep_size, num_nodes, "hybrid")
 
     @classmethod
     def dynamic(
         cls,
         num_layers: int,
         num_experts: int,
-        num_ranks: int,
+        ep_size: int,
         num_redundant: int,
         num_nodes: int = 1,
     ) -> ExpertPlacement:
@@ -204,20 +201,20 @@ class ExpertPlacement:
         The rebalance hook re-plans from measured load; :meth:`from_plan` wraps the planner's output.
         """
         num_slots = num_experts + num_redundant
-        if num_redundant < 0 or num_ranks < 1 or num_slots % num_ranks != 0:
+        if num_redundant < 0 or ep_size < 1 or num_slots % ep_size != 0:
             raise ValueError(
                 f"dynamic strategy needs num_redundant={num_redundant} >= 0 with num_experts + num_redundant "
-                f"= {num_slots} divisible by num_ranks={num_ranks}"
+                f"= {num_slots} divisible by ep_size={ep_size}"
             )
         row = torch.arange(num_slots) % num_experts
-        return cls(row.expand(num_layers, -1), num_experts, num_ranks, num_nodes, "dynamic")
+        return cls(row.expand(num_layers, -1), num_experts, ep_size, num_nodes, "dynamic")
 
     @classmethod
     def from_plan(
-        cls, physical_to_logical: torch.Tensor, num_experts: int, num_ranks: int, num_nodes: int = 1
+        cls, physical_to_logical: torch.Tensor, num_experts: int, ep_size: int, num_nodes: int = 1
     ) -> ExpertPlacement:
         """Wrap a planner's ``phy2log [L, P]`` as a ``dynamic`` placement."""
-        return cls(physical_to_logical, num_experts, num_ranks, num_nodes, "dynamic")
+        return cls(physical_to_logical, num_experts, ep_size, num_nodes, "dynamic")
 
     @classmethod
     def build(
@@ -225,7 +222,7 @@ class ExpertPlacement:
         strategy: str,
         num_layers: int,
         num_experts: int,
-        num_ranks: int,
+        ep_size: int,
         *,
         replicated_experts: Sequence[int] = (),
         num_redundant: int = 0,
@@ -233,13 +230,13 @@ class ExpertPlacement:
     ) -> ExpertPlacement:
         """Construct the placement of a named strategy (as a config names it)."""
         if strategy == "data":
-            return cls.data(num_layers, num_experts, num_ranks, num_nodes)
+            return cls.data(num_layers, num_experts, ep_size, num_nodes)
         if strategy == "model":
-            return cls.model(num_layers, num_experts, num_ranks, num_nodes)
+            return cls.model(num_layers, num_experts, ep_size, num_nodes)
         if strategy == "hybrid":
-            return cls.hybrid(num_layers, num_experts, num_ranks, replicated_experts, num_nodes)
+            return cls.hybrid(num_layers, num_experts, ep_size, replicated_experts, num_nodes)
         if strategy == "dynamic":
-            return cls.dynamic(num_layers, num_experts, num_ranks, num_redundant, num_nodes)
+            return cls.dynamic(num_layers, num_experts, ep_size, num_redundant, num_nodes)
         raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
 
     # ---- comparison, serialisation, migration plan ------------------------------------------
@@ -248,7 +245,7 @@ class ExpertPlacement:
             return NotImplemented
         return (
             self.num_logical_experts == other.num_logical_experts
-            and self.num_ranks == other.num_ranks
+            and self.ep_size == other.ep_size
             and self.num_nodes == other.num_nodes
             and self.physical_to_logical.shape == other.physical_to_logical.shape
             and bool(torch.equal(self.physical_to_logical, other.physical_to_logical))
@@ -261,20 +258,23 @@ class ExpertPlacement:
         return {
             "physical_to_logical": self.physical_to_logical.tolist(),
             "num_logical_experts": self.num_logical_experts,
-            "num_ranks": self.num_ranks,
+            "ep_size": self.ep_size,
             "num_nodes": self.num_nodes,
             "strategy": self.strategy,
         }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> ExpertPlacement:
-        keys = {"physical_to_logical", "num_logical_experts", "num_ranks", "num_nodes", "strategy"}
+        """Inverse of :meth:`to_dict` (checkpoints of format 1 name ``ep_size`` ``num_ranks``)."""
+        if "num_ranks" in state and "ep_size" not in state:
+            state = {("ep_size" if k == "num_ranks" else k): v for k, v in state.items()}
+        keys = {"physical_to_logical", "num_logical_experts", "ep_size", "num_nodes", "strategy"}
         if set(state) != keys:
             raise ValueError(f"placement dict has keys {sorted(state)}, expected {sorted(keys)}")
         return cls(
             torch.tensor(state["physical_to_logical"], dtype=torch.int64),
             int(state["num_logical_experts"]),
-            int(state["num_ranks"]),
+            int(state["ep_size"]),
             int(state["num_nodes"]),
             str(state["strategy"]),
         )
@@ -286,28 +286,28 @@ class ExpertPlacement:
         receives it once, from an old holder chosen round-robin over holders (by destination rank)
         so that senders share the work.
         """
-        if (new.num_layers, new.num_logical_experts, new.num_ranks) != (
+        if (new.num_layers, new.num_logical_experts, new.ep_size) != (
             self.num_layers,
             self.num_logical_experts,
-            self.num_ranks,
+            self.ep_size,
         ):
             raise ValueError(
-                "placements differ in (num_layers, num_logical_experts, num_ranks): "
-                f"{(self.num_layers, self.num_logical_experts, self.num_ranks)} vs "
-                f"{(new.num_layers, new.num_logical_experts, new.num_ranks)}"
+                "placements differ in (num_layers, num_logical_experts, ep_size): "
+                f"{(self.num_layers, self.num_logical_experts, self.ep_size)} vs "
+                f"{(new.num_layers, new.num_logical_experts, new.ep_size)}"
             )
-        changed = self.physical_to_logical != new.physical_to_logical
         if self.num_slots != new.num_slots:
             raise ValueError(f"placements differ in num_slots: {self.num_slots} vs {new.num_slots}")
-        old_held = _held_by_rank(self)  # [L, ranks, E] bool
+        changed = self.physical_to_logical != new.physical_to_logical
+        old_held = _held_by_rank(self)  # [L, ep_size, E] bool
         new_held = _held_by_rank(new)
         transfers = []
-        for layer, dst_rank, logical_id in (new_held & ~old_held).nonzero().tolist():
+        for layer, dst_ep_rank, logical_id in (new_held & ~old_held).nonzero().tolist():
             holders = old_held[layer, :, logical_id].nonzero().flatten()
-            src_rank = int(holders[dst_rank % len(holders)])
-            src_slots = self.local_logical_ids(src_rank)[layer]
+            src_ep_rank = int(holders[dst_ep_rank % len(holders)])
+            src_slots = self.local_logical_ids(src_ep_rank)[layer]
             src_local_slot = int((src_slots == logical_id).nonzero()[0])
-            transfers.append(Transfer(layer, logical_id, src_rank, src_local_slot, dst_rank))
+            transfers.append(Transfer(layer, logical_id, src_ep_rank, src_local_slot, dst_ep_rank))
         return PlacementDiff(changed_slots=changed, transfers=tuple(transfers))
 
 
@@ -333,7 +333,7 @@ def _logical_to_physical(phy2log: torch.Tensor, replica_count: torch.Tensor) -> 
 
 
 def _held_by_rank(placement: ExpertPlacement) -> torch.Tensor:
-    """``[L, ranks, E]`` bool: whether a rank holds at least one replica of each logical expert."""
-    per_rank = placement.physical_to_logical.view(placement.num_layers, placement.num_ranks, -1)
+    """``[L, ep_size, E]`` bool: whether an EP rank holds at least one replica of each logical expert."""
+    per_rank = placement.physical_to_logical.view(placement.num_layers, placement.ep_size, -1)
     held = torch.zeros(*per_rank.shape[:2], placement.num_logical_experts, dtype=torch.bool)
     return held.scatter_(2, per_rank, True)

@@ -61,7 +61,7 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
         "config": manifest["config"],
         "placement": {
             "strategy": placement.strategy,
-            "num_ranks": placement.num_ranks,
+            "ep_size": placement.ep_size,
             "num_slots": placement.num_slots,
             "slots_per_rank": placement.slots_per_rank,
             "num_logical_experts": placement.num_logical_experts,
@@ -75,7 +75,7 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     }
     loads = window_loads(path, manifest, placement)
     if loads is not None:
-        balance = layer_balancedness(placement.physical_to_logical, loads, placement.num_ranks)
+        balance = layer_balancedness(placement.physical_to_logical, loads, placement.ep_size)
         summary["balance_per_layer"] = [round(b, 4) for b in balance.tolist()]
         summary["balance_worst_layer"] = round(float(balance.min()), 4)
         summary["tokens_per_layer"] = loads.sum(1).tolist()
@@ -111,7 +111,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{' (with optimizer state)' if summary['has_optimizer'] else ''}",
         "config       " + ", ".join(f"{k}={v}" for k, v in sorted(summary["config"].items())),
         f"placement    {placement['strategy']}: {placement['num_logical_experts']} logical experts on "
-        f"{placement['num_slots']} slots ({placement['slots_per_rank']} per rank x {placement['num_ranks']})",
+        f"{placement['num_slots']} slots ({placement['slots_per_rank']} per rank x {placement['ep_size']})",
     ]
     balance = summary.get("balance_per_layer")
     for i, prefix in enumerate(summary["moe_layers"]):

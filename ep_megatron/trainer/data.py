@@ -317,11 +317,6 @@ class PackedTokens:
         self.val_windows = np.flatnonzero(is_val)
         self._order: tuple[int, np.ndarray] | None = None
 
-    @property
-    def num_train_tokens(self) -> int:
-        """Target tokens in the training split (one epoch)."""
-        return len(self.train_windows) * self.seq_len
-
     def _windows(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs [batch, seq], targets [batch, seq])`` int64 of the given windows."""
         positions = window_ids[:, None] * self.seq_len + np.arange(self.seq_len + 1)

@@ -8,218 +8,43 @@ step are entered by every rank in the same order.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
-from torch import Tensor, nn
+from torch import Tensor
 
-from ep_megatron.config import MoEConfig
 from ep_megatron.integrations import deepspeed as ds_glue
 from ep_megatron.layer import MoELayer
-from ep_megatron.layer.router import AuxLossAutoScaler
+from ep_megatron.layer.moe_layers import MoELayers
 from ep_megatron.parallel import ParallelGroups, build_groups, init_distributed
-from ep_megatron.parallel.grad_sync import (
-    ExpertGradSync,
-    clip_grad_norm_,
-    expert_params,
-    optimizer_param_groups,
+from ep_megatron.parallel.grad_sync import ExpertGradSync
+from ep_megatron.services.checkpoint import (
+    OptimizerLike,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
 )
-from ep_megatron.services.checkpoint import OptimizerLike, latest_checkpoint, load_checkpoint, save_checkpoint
-from ep_megatron.services.rebalance import RebalanceConfig, Rebalancer
+from ep_megatron.services.rebalance import Rebalancer
+from ep_megatron.trainer.config import (
+    RunConfig,
+    TrainerConfig,
+    deepspeed_config,
+    gpt_config,
+    load_config,
+    lr_at,
+    moe_config,
+)
 from ep_megatron.trainer.data import DataConfig, PackedTokens, build_data
-from ep_megatron.trainer.model import GPTConfig, MoEGPT
+from ep_megatron.trainer.model import MoEGPT
 from ep_megatron.trainer.report import write_report
-
-
-@dataclass
-class TrainerConfig:
-    """The optimisation schedule and the run's bookkeeping."""
-
-    steps: int = 300  # optimizer steps in the whole run (> 0)
-    micro_batch_size: int = 4  # sequences per rank per forward/backward (> 0)
-    grad_accum_steps: int = 1  # micro-batches per rank per optimizer step (> 0)
-    lr: float = 3e-3  # peak learning rate (> 0)
-    min_lr: float = 3e-4  # learning rate at the end of the cosine decay, in [0, lr]
-    warmup_steps: int = 30  # linear warmup steps, in [0, steps]
-    weight_decay: float = 0.1  # AdamW decoupled weight decay of matrices (norms and biases get none)
-    beta1: float = 0.9  # AdamW beta1, in [0, 1)
-    beta2: float = 0.95  # AdamW beta2, in [0, 1)
-    grad_clip: float = 1.0  # max global grad norm (each logical expert counted once); 0 disables
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights and optimizer state)
-    seed: int = 0  # seeds weights (dense and per logical expert) and data order
-    expert_parallel_size: int = 0  # EP size; 0 means all ranks
-    eval_interval: int = 100  # steps between validations; 0 validates only at the end
-    eval_batches: int = 8  # validation micro-batches per rank (> 0)
-    checkpoint_interval: int = 100  # steps between checkpoints; 0 saves only at the end
-    log_interval: int = 1  # steps between progress-bar updates (> 0)
-    deepspeed_config: str = ""  # DeepSpeed JSON (ZeRO stage 0/1/2 settings); "" trains with torch AdamW
-
-    def __post_init__(self) -> None:
-        _positive(self, "steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "log_interval")
-        _non_negative(self, "expert_parallel_size", "eval_interval", "checkpoint_interval", "grad_clip")
-        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"train.lr={self.lr} must be > 0 and train.min_lr={self.min_lr} in [0, lr]")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be in [0, 1)")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision={self.precision!r} must be 'fp32' or 'bf16'")
-        if self.deepspeed_config:
-            deepspeed_config(self)
-
-
-def deepspeed_config(cfg: TrainerConfig, world_size: int | None = None) -> dict[str, Any]:
-    """``train.deepspeed_config`` completed from the train section, which owns the batch size, clipping,
-    precision and optimizer (AdamW with its schedule); the file holds ZeRO and communication settings.
-
-    A file value that disagrees with the train section raises ``ValueError`` naming both.
-    """
-    where = f"train.deepspeed_config={cfg.deepspeed_config!r}"
-    try:
-        raw = json.loads(Path(cfg.deepspeed_config).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where}: cannot read it as JSON ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: must hold a JSON object")
-    owned_sections = [k for k in ("optimizer", "scheduler") if k in raw]
-    if owned_sections:
-        raise ValueError(f"{where}: remove {owned_sections}; the optimizer is AdamW with train.lr, beta1, "
-                         f"beta2, weight_decay, warmup_steps and min_lr")
-    if (raw.get("fp16") or {}).get("enabled", False):
-        raise ValueError(f"{where}: fp16 is not supported; set train.precision to 'fp32' or 'bf16'")
-    stage = (raw.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2) or (stage == 0 and cfg.precision == "bf16"):
-        raise ValueError(f"{where}: zero_optimization.stage={stage} must be 0, 1 or 2 (1 or 2 with "
-                         f"train.precision='bf16')")
-    owned: dict[str, Any] = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-                             "gradient_accumulation_steps": cfg.grad_accum_steps,
-                             "gradient_clipping": float(cfg.grad_clip)}
-    if world_size is not None:
-        owned["train_batch_size"] = cfg.micro_batch_size * cfg.grad_accum_steps * world_size
-    bf16 = {**(raw.get("bf16") or {}), "enabled": cfg.precision == "bf16"}
-    for key, value in [*owned.items(), ("bf16.enabled", bf16["enabled"])]:
-        section, _, field = key.partition(".")
-        given = (raw.get(section) or {}).get(field) if field else raw.get(section)
-        if given is not None and given != value:
-            raise ValueError(f"{where}: {key}={given} disagrees with the train section ({value}); remove it "
-                             f"from the file")
-    return {**raw, **owned, "bf16": bf16}
-
-
-def _positive(cfg: Any, *names: str) -> None:
-    for name in names:
-        if not getattr(cfg, name) > 0:
-            raise ValueError(f"train.{name}={getattr(cfg, name)} must be > 0")
-
-
-def _non_negative(cfg: Any, *names: str) -> None:
-    for name in names:
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"train.{name}={getattr(cfg, name)} must be >= 0")
-
-
-@dataclass
-class RunConfig:
-    """A whole run, as a YAML file spells it: one section per dataclass."""
-
-    model: dict[str, Any]  # GPTConfig fields (vocab_size and max_seq_len come from the data)
-    moe: dict[str, Any]  # MoEConfig fields (hidden_size comes from the model, EP size from train)
-    data: DataConfig
-    train: TrainerConfig
-    rebalance: RebalanceConfig  # used with moe.sharding_strategy == "dynamic"
-
-
-_SECTIONS = {"model": GPTConfig, "moe": MoEConfig, "data": DataConfig, "train": TrainerConfig,
-             "rebalance": RebalanceConfig}
-_DERIVED = {"model": {"vocab_size", "max_seq_len"}, "moe": {"hidden_size", "expert_parallel_size"},
-            "rebalance": {"num_redundant_experts"}}
-
-
-def _check_keys(section: str, values: dict[str, Any]) -> None:
-    allowed = {f.name for f in dataclasses.fields(_SECTIONS[section])} - _DERIVED.get(section, set())
-    unknown = sorted(set(values) - allowed)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                         f"allowed in '{section}': {', '.join(sorted(allowed))}")
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, field = key.partition(".")
-        if not sep or not dot or not field:
-            raise ValueError(f"--set {item!r} must look like section.key=value")
-        if section not in _SECTIONS:
-            raise ValueError(f"--set {item!r}: section {section!r} must be one of {sorted(_SECTIONS)}")
-        raw.setdefault(section, {})[field] = yaml.safe_load(value)
-    return raw
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read and validate a run config; every bad key or value raises ``ValueError`` naming it."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of sections {sorted(_SECTIONS)}")
-    raw = apply_overrides(raw, list(overrides))
-    unknown = sorted(set(raw) - set(_SECTIONS))
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(_SECTIONS)}")
-    sections = {name: dict(raw.get(name) or {}) for name in _SECTIONS}
-    for name, values in sections.items():
-        _check_keys(name, values)
-    config = RunConfig(
-        model=sections["model"],
-        moe=sections["moe"],
-        data=_section("data", lambda: DataConfig(**sections["data"])),
-        train=_section("train", lambda: TrainerConfig(**sections["train"])),
-        rebalance=_section("rebalance", lambda: RebalanceConfig(**sections["rebalance"])),
-    )
-    # Validate the model and MoE sections with placeholder derived values.
-    _section("model", lambda: gpt_config(config, vocab_size=257))
-    _section("moe", lambda: moe_config(config, ep_size=config.train.expert_parallel_size or 1))
-    return config
-
-
-def _section(name: str, build: Any) -> Any:
-    """Run a section's constructor; its errors are re-raised prefixed with the section name."""
-    try:
-        return build()
-    except (TypeError, ValueError) as exc:
-        message = str(exc)
-        prefix = "" if message.startswith(f"{name}.") else f"{name}."
-        raise ValueError(f"{prefix}{message}") from exc
-
-
-def gpt_config(config: RunConfig, vocab_size: int) -> GPTConfig:
-    return GPTConfig(**{"seed": config.train.seed, **config.model, "vocab_size": vocab_size,
-                        "max_seq_len": config.data.seq_len})
-
-
-def moe_config(config: RunConfig, ep_size: int) -> MoEConfig:
-    hidden = config.model.get("hidden_size", GPTConfig.hidden_size)
-    return MoEConfig(**{"seed": config.train.seed, **config.moe, "hidden_size": hidden,
-                        "expert_parallel_size": ep_size})
-
-
-def lr_at(step: int, cfg: TrainerConfig) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``steps`` (``step`` is 0-based)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+from ep_megatron.trainer.step import forward_backward, optimizer_step
 
 
 class _StopFlag:
@@ -243,9 +68,7 @@ class _Run:
     device: torch.device
     data: PackedTokens
     model: MoEGPT
-    moe_layers: list[MoELayer]
-    moe_cfg: MoEConfig
-    dense_params: list[nn.Parameter]
+    moe: MoELayers  # the model's MoE layers and their placement
     optimizer: OptimizerLike  # what checkpoints save: the torch AdamW or a DeepSpeed ZeRO view
     engine: Any | None  # the DeepSpeed engine with train.deepspeed_config, else None
     grad_sync: ExpertGradSync | None  # our sync of expert grads (DeepSpeed runs use its replica hooks)
@@ -259,27 +82,24 @@ def _build(config: RunConfig, run_dir: Path) -> _Run:
     groups = build_groups(ep_size)
     torch.manual_seed(config.train.seed)
     data = _build_data(config.data, groups)
-    moe_cfg = moe_config(config, ep_size)
+    moe_cfg = moe_config(config)
     model_cfg = gpt_config(config, data.vocab_size)
     num_moe = sum(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_layers))
-    placement = moe_cfg.placement(max(num_moe, 1))
+    placement = moe_cfg.placement(num_moe, groups.ep_size)
     model = MoEGPT(model_cfg, lambda i: MoELayer(moe_cfg, placement, groups, i)).to(env.device)
-    moe_layers = list(model.moe_layers())
-    experts = {id(p) for layer in moe_layers for p in expert_params(layer)}
-    dense = [p for p in model.parameters() if id(p) not in experts]
+    moe = MoELayers(model)
     if config.train.deepspeed_config:
-        engine = _deepspeed_engine(model, groups, config.train)
-        optimizer, grad_sync = ds_glue.checkpoint_optimizer(engine), None
+        engine = _deepspeed_engine(moe, config.train)
+        optimizer, rows = ds_glue.checkpoint_optimizer(engine), ds_glue.optimizer_rows(engine)
+        grad_sync = None
     else:
-        engine, optimizer = None, _optimizer(model, config.train)
-        grad_sync = ExpertGradSync(moe_layers, groups)
+        engine, grad_sync = None, ExpertGradSync(moe)
+        optimizer = rows = _adamw(moe.param_groups(config.train.weight_decay), config.train)
     rebalancer = None
-    if moe_cfg.sharding_strategy == "dynamic" and config.rebalance.enabled and moe_layers:
-        redundant = moe_cfg.num_redundant_experts
-        rebalance_cfg = dataclasses.replace(config.rebalance, num_redundant_experts=redundant)
-        rebalancer = Rebalancer(moe_layers, engine or optimizer, groups, rebalance_cfg)
-    return _Run(config, groups, env.device, data, model, moe_layers, moe_cfg, dense, optimizer, engine,
-                grad_sync, rebalancer, run_dir)
+    if moe_cfg.sharding_strategy == "dynamic" and config.rebalance.enabled:
+        rebalancer = Rebalancer(moe, rows, config.rebalance)
+    return _Run(config, groups, env.device, data, model, moe, optimizer, engine, grad_sync, rebalancer,
+                run_dir)
 
 
 def _build_data(config: DataConfig, groups: ParallelGroups) -> PackedTokens:
@@ -293,34 +113,16 @@ def _build_data(config: DataConfig, groups: ParallelGroups) -> PackedTokens:
     return data
 
 
-def _optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    """AdamW; matrices (incl. stacked expert weights) decay, norms and vectors do not."""
-    return _adamw(optimizer_param_groups(model, cfg.weight_decay), cfg)
-
-
 def _adamw(param_groups: list[dict[str, Any]], cfg: TrainerConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def _deepspeed_engine(model: nn.Module, groups: ParallelGroups, cfg: TrainerConfig) -> Any:
-    """The DeepSpeed engine of ``train.deepspeed_config`` around ``model`` (AdamW, same param groups)."""
-    ds_config = deepspeed_config(cfg, groups.world_size)
-    engine, *_ = ds_glue.initialize(model, groups, lambda param_groups: _adamw(param_groups, cfg), ds_config,
+def _deepspeed_engine(moe: MoELayers, cfg: TrainerConfig) -> Any:
+    """The DeepSpeed engine of ``train.deepspeed_config`` around ``moe.model`` (AdamW, same param groups)."""
+    ds_config = deepspeed_config(cfg, moe.groups.world_size)
+    engine, *_ = ds_glue.initialize(moe, lambda param_groups: _adamw(param_groups, cfg), ds_config,
                                     weight_decay=cfg.weight_decay)
     return engine
-
-
-def _all_reduce_mean(tensors: list[Tensor], groups: ParallelGroups) -> None:
-    """Average dense grads over all data-parallel ranks in one flat all-reduce."""
-    if groups.world_size == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, group=groups.dp_group)
-    flat /= groups.world_size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 @dataclass(frozen=True)
@@ -340,37 +142,12 @@ def _train_step(run: _Run, step: int) -> StepOutput:
     micro = [run.data.train_batch(step * cfg.grad_accum_steps + i, cfg.micro_batch_size, groups.rank,
                                   groups.world_size) for i in range(cfg.grad_accum_steps)]
     micro = [(inputs.to(run.device), targets.to(run.device)) for inputs, targets in micro]
-    out = (_deepspeed_step if run.engine is not None else _torch_step)(run, step, micro)
-    for layer in run.moe_layers:
-        layer.update_expert_bias()
-    return out
-
-
-def forward_backward(moe_layers: list[MoELayer], micro: list[tuple[Tensor, Tensor]],
-                     forward: Callable[[Tensor, Tensor], Tensor], backward: Callable[[Tensor], None],
-                     ) -> tuple[Tensor, list[int], dict[str, float]]:
-    """Run ``backward(forward(inputs, targets))`` on every micro-batch ``[batch, seq]``, with the aux-loss
-    gradients scaled like the main loss (``1 / len(micro)``); return the mean loss, the expert rows per
-    layer summed over micro-batches and the aux losses averaged over layers and micro-batches."""
-    losses, rows, aux = [], [0] * len(moe_layers), {}
-    AuxLossAutoScaler.loss_scale = 1.0 / len(micro)
-    try:
-        for inputs, targets in micro:
-            loss = forward(inputs, targets)
-            backward(loss)
-            losses.append(loss.detach().float())
-            for j, layer in enumerate(moe_layers):
-                rows[j] += layer.last_expert_rows
-                for name, value in layer.last_aux_losses.items():
-                    aux[name] = aux.get(name, 0.0) + value / (len(moe_layers) * len(micro))
-    finally:
-        AuxLossAutoScaler.loss_scale = 1.0
-    return torch.stack(losses).mean(), rows, aux
+    return (_deepspeed_step if run.engine is not None else _torch_step)(run, step, micro)
 
 
 def _torch_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> StepOutput:
     """A step with our sync and AdamW: micro-batch gradients accumulate, then sync, clip and step."""
-    cfg, groups = run.config.train, run.groups
+    cfg = run.config.train
 
     def forward(inputs: Tensor, targets: Tensor) -> Tensor:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
@@ -379,20 +156,11 @@ def _torch_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> Ste
     def backward(loss: Tensor) -> None:
         (loss / len(micro)).backward()
 
-    loss, rows, aux = forward_backward(run.moe_layers, micro, forward, backward)
-    for p in run.dense_params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    sync_stats = run.grad_sync()
-    _all_reduce_mean([p.grad for p in run.dense_params], groups)
-    grad_norm = float("nan")
-    if cfg.grad_clip > 0:
-        grad_norm = float(clip_grad_norm_(run.dense_params, run.moe_layers, groups, cfg.grad_clip))
+    loss, rows, aux = forward_backward(run.moe, micro, forward, backward)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=False)
-    return StepOutput(loss, rows, aux, grad_norm, sync_stats.bytes_sent)
+    stats = optimizer_step(run.moe, run.optimizer, run.grad_sync, max_norm=cfg.grad_clip)
+    return StepOutput(loss, rows, aux, stats.grad_norm, stats.grad_sync_bytes)
 
 
 def _deepspeed_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> StepOutput:
@@ -406,23 +174,18 @@ def _deepspeed_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) ->
         engine.backward(loss)
         engine.step()  # applies the update at the accumulation boundary only
 
-    loss, rows, aux = forward_backward(run.moe_layers, micro, lambda i, t: engine(i, t)[0], backward)
+    loss, rows, aux = forward_backward(run.moe, micro, lambda i, t: engine(i, t)[0], backward)
+    run.moe.update_expert_bias()
     norm = engine.get_global_grad_norm()
     grad_norm = float(norm) if norm is not None and run.config.train.grad_clip > 0 else float("nan")
     return StepOutput(loss, rows, aux, grad_norm, ds_glue.replica_grad_hooks(engine).take_bytes_sent())
 
 
-def _step_loads(run: _Run) -> Tensor:
-    """``[L, E]`` this rank's routed pairs of the step (the rebalancer drains the layers itself)."""
-    if run.rebalancer is not None:
-        return run.rebalancer.load_window[(run.rebalancer.step_count - 1) % run.rebalancer.config.window]
-    return torch.stack([layer.take_load().cpu() for layer in run.moe_layers])
-
-
-def _reduce_step(run: _Run, out: StepOutput, stop: bool) -> tuple[float, Tensor, Tensor, bool]:
-    """One all-reduce per step: mean loss, global load [L, E], rows per rank [world, L], stop flag."""
-    groups, num_layers = run.groups, len(run.moe_layers)
-    load = _step_loads(run).to(torch.float64) if num_layers else torch.zeros(0, 0, dtype=torch.float64)
+def _reduce_step(run: _Run, out: StepOutput, load: Tensor, stop: bool) -> tuple[float, Tensor, Tensor, bool]:
+    """One all-reduce per step: mean loss, global ``load [L, E]`` (this rank's routed pairs of the step),
+    rows per rank ``[world, L]``, stop flag."""
+    groups, num_layers = run.groups, len(run.moe)
+    load = load.to(torch.float64)
     rows = torch.zeros(groups.world_size, num_layers, dtype=torch.float64)
     rows[groups.rank] = torch.tensor(out.expert_rows, dtype=torch.float64)
     packed = torch.cat([out.loss.cpu().double().view(1), torch.tensor([float(stop)], dtype=torch.float64),
@@ -513,16 +276,15 @@ def _tensorboard(run_dir: Path) -> Any:
 
 
 def _save(run: _Run, step: int) -> Path:
-    return save_checkpoint(run.run_dir / "checkpoints", step, run.model, run.optimizer, run.groups,
-                           moe_config=run.moe_cfg, rebalancer=run.rebalancer)
+    return save_checkpoint(run.run_dir / "checkpoints", step, run.moe, run.optimizer,
+                           rebalancer=run.rebalancer)
 
 
 def _resume(run: _Run) -> int:
     """Load the newest complete checkpoint of the run directory, if any; return its step."""
     if latest_checkpoint(run.run_dir / "checkpoints") is None:
         return 0
-    state = load_checkpoint(run.run_dir / "checkpoints", run.model, run.optimizer, run.groups,
-                            moe_config=run.moe_cfg, rebalancer=run.rebalancer)
+    state = load_checkpoint(run.run_dir / "checkpoints", run.moe, run.optimizer, rebalancer=run.rebalancer)
     return int(state["step"])
 
 
@@ -531,12 +293,12 @@ def _write_run_info(run: _Run, config_path: str) -> None:
         "config": str(config_path),
         "world_size": run.groups.world_size,
         "expert_parallel_size": run.groups.ep_size,
-        "sharding_strategy": run.moe_cfg.sharding_strategy,
+        "sharding_strategy": run.moe.config.sharding_strategy,
         "corpus": run.config.data.source,
         "bigram_entropy": run.data.train_bigram_entropy(),
-        "num_moe_layers": len(run.moe_layers),
-        "num_experts": run.moe_cfg.num_experts,
-        "num_slots": run.moe_layers[0].placement.num_slots if run.moe_layers else 0,
+        "num_moe_layers": len(run.moe),
+        "num_experts": run.moe.config.num_experts,
+        "num_slots": run.moe.placement.num_slots,
         "optimizer": _optimizer_name(run),
     }
     (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -572,6 +334,8 @@ def train(config_path: str | Path, overrides: list[str] = (),
     run_dir.mkdir(parents=True, exist_ok=True)
     stop = _StopFlag()
     run = _build(config, run_dir)
+    if run.groups.rank == 0:
+        remove_stale_temporaries(run.run_dir / "checkpoints")  # left by killed saves; no save runs now
     start_step = _resume(run)
     if run.groups.rank == 0:
         _write_run_info(run, str(config_path))
@@ -584,8 +348,9 @@ def train(config_path: str | Path, overrides: list[str] = (),
         while step < cfg.steps:
             started = time.perf_counter()
             out = _train_step(run, step)
-            metrics = run.rebalancer.step() if run.rebalancer is not None else None
-            mean_loss, load, rows, stop_now = _reduce_step(run, out, stop.requested)
+            step_load = run.moe.take_loads()  # [L, E], the one drain of the step
+            metrics = run.rebalancer.step(step_load) if run.rebalancer is not None else None
+            mean_loss, load, rows, stop_now = _reduce_step(run, out, step_load, stop.requested)
             step += 1
             record = _step_record(run, step, mean_loss, load, rows, out, metrics)
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)

@@ -162,10 +162,6 @@ class MoEGPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_dense_parameters()
 
-    def moe_layers(self) -> list[nn.Module]:
-        """The injected MoE MLPs in layer order (index ``j`` was built by ``moe_factory(j)``)."""
-        return [block.mlp for block in self.blocks if block.is_moe]
-
     @torch.no_grad()
     def reset_dense_parameters(self) -> None:
         """Initialise every parameter outside the MoE MLPs from ``config.seed`` (MoE MLPs init themselves)."""
