@@ -22,6 +22,7 @@ from ep_megatron.trainer.data import (
     read_documents,
     stdlib_corpus_path,
 )
+from tests.multirank import run_ranks
 
 
 @pytest.fixture(scope="session")
@@ -223,6 +224,21 @@ def test_megatron_blend_follows_weights_split_and_cache(tmp_path: Path) -> None:
         assert torch.equal(batch[0], data.train_batch(2 * step + rank, 4)[0])
     baseline = data.bigram_baseline(max_tokens=16 * 100)
     assert baseline.sampled and baseline.tokens == 1600 and baseline.label.startswith("byte-bigram")
+    # Two gloo ranks build the same blend with a fresh cache (rank 0 builds, rank 1 reads its files).
+    ranks_config = dataclasses.replace(config, cache_dir=str(tmp_path / "ranks_cache"))
+    for rank, (train, val) in enumerate(run_ranks(_rank_batches, 2, ranks_config, timeout_s=180)):
+        for step, inputs in train.items():
+            assert np.array_equal(inputs, data.train_batch(2 * step + rank, 4)[0].numpy()), (rank, step)
+        assert np.array_equal(val, data.val_samples(np.arange(rank, 8, 2))[0].numpy())
+
+
+def _rank_batches(config: DataConfig) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """This rank's training inputs at a few steps and its first validation batch (runs on a gloo rank)."""
+    import torch.distributed as dist
+
+    data, _ = build_data(config, num_samples=(2000, 64))
+    train = {step: data.train_batch(step, 4, dist.get_rank(), 2)[0].numpy() for step in (0, 7, 300)}
+    return train, next(data.val_batches(4, dist.get_rank(), 2))[0].numpy()
 
 
 def test_megatron_sources_are_checked_by_name(tmp_path: Path) -> None:

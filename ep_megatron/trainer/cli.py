@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names it, no traceback
+    except (ValueError, FileNotFoundError, ImportError) as exc:  # bad input or a missing extra: named
         print(f"ep-megatron {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -142,10 +142,9 @@ def bin_mean(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def _after_first_rebalance(run: RunMetrics) -> np.ndarray:
-    """``[n]`` bool: the steps after the first rebalance (all steps when there was none)."""
-    if not run.rebalanced.any():
-        return np.ones(len(run.steps), dtype=bool)
-    return run.steps > run.steps[np.argmax(run.rebalanced)]
+    """``[n]`` bool: the steps after the first rebalance (all steps when none has steps after it)."""
+    after = run.steps > run.steps[np.argmax(run.rebalanced)] if run.rebalanced.any() else run.steps < 0
+    return after if after.any() else np.ones(len(run.steps), dtype=bool)
 
 
 def layer_means(run: RunMetrics) -> np.ndarray:
