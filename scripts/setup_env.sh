@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs ep_megatron (editable) with its test tools. Re-running skips finished work.
+# Creates .venv and installs ep_megatron (editable) with the extras its tests need: dev, deepspeed, megatron,
+# tb, hf. Re-running skips finished work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -20,5 +21,13 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q "torch==2.13.0"
   fi
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# The extras the test suite needs. A Megatron-Core that is already importable (e.g. a Megatron-LM git
+# checkout, which installs under the name megatron-core) is kept: the [megatron] extra would replace it.
+extras=dev,deepspeed,tb,hf
+if .venv/bin/python -c "import megatron.core" >/dev/null 2>&1; then
+  echo "setup_env: keeping the installed Megatron-Core ($(.venv/bin/python -c 'import megatron.core as m; print(m.__file__)'))"
+else
+  extras=$extras,megatron
+fi
+.venv/bin/python -m pip install -q -e ".[$extras]"
 echo "$want" > "$stamp"

@@ -50,8 +50,10 @@ ORDER = [
     "ep_megatron.integrations.deepspeed",
     # the trainer
     "ep_megatron.trainer",
+    "ep_megatron.trainer.shipped",
     "ep_megatron.trainer.model",
     "ep_megatron.trainer.data",
+    "ep_megatron.trainer.metrics_io",
     "ep_megatron.trainer.step",
     "ep_megatron.trainer.report",
     "ep_megatron.trainer.config",

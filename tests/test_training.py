@@ -10,9 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ep_megatron.trainer.config import deepspeed_config, load_config, lr_at, moe_config
+from ep_megatron.trainer.metrics_io import read_expert_load
 from tests.multirank import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +24,7 @@ TINY = [
     "moe.ffn_hidden_size=64", "data.seq_len=32", "train.micro_batch_size=2", "train.eval_batches=2",
     "train.warmup_steps=2", "rebalance.interval=5", "rebalance.window=5",
 ]
-TRAIN_FIELDS = {"step", "loss", "lr", "tokens_per_s", "aux_losses", "expert_load", "max_over_mean",
+TRAIN_FIELDS = {"step", "loss", "lr", "tokens_per_s", "aux_losses", "max_over_mean",
                 "rebalanced", "slots_moved", "bytes_moved", "grad_norm"}
 
 
@@ -138,10 +140,11 @@ def test_thirty_step_two_rank_run_writes_metrics_and_report(tmp_path):
     assert [r["step"] for r in val] == [15, 30]
     for record in train:
         assert set(record) >= TRAIN_FIELDS
-        assert len(record["expert_load"]) == 1 and len(record["expert_load"][0]) == 8
-        # every (token, expert) pair of the step is counted once: 2 ranks x 2 seqs x 32 tokens x top-2
-        assert sum(record["expert_load"][0]) == 2 * 2 * 32 * 2
         assert record["max_over_mean"][0] >= 1.0
+    load = read_expert_load(tmp_path)
+    assert load.shape == (1, 8) and load.steps.tolist() == list(range(1, 31))
+    # every (token, expert) pair of a step is counted once: 2 ranks x 2 seqs x 32 tokens x top-2
+    np.testing.assert_array_equal(load.binned_sum(np.arange(31)).sum(axis=(1, 2)), 2 * 2 * 32 * 2)
     assert sum(r["rebalanced"] for r in train) >= 1 and sum(r["bytes_moved"] for r in train) > 0
     assert train[-1]["loss"] < train[0]["loss"]
     for name in ("loss.png", "expert_load.png", "balance.png", "summary.md"):
@@ -274,5 +277,5 @@ def test_gradient_accumulation_equals_a_larger_micro_batch_under_torch_and_deeps
         assert sorted(losses) == list(range(1, 13))
         for step in range(1, 13):
             assert losses[step] == pytest.approx(reference[step], rel=1e-5), (run, step)
-    records = [json.loads(line) for line in (tmp_path / "accum2" / "metrics.jsonl").open()]
-    assert all(sum(r["expert_load"][0]) == 2 * 2 * 32 * 2 for r in records if r["split"] == "train")
+    load = read_expert_load(tmp_path / "accum2")
+    np.testing.assert_array_equal(load.binned_sum(np.arange(13)).sum(axis=(1, 2)), 2 * 2 * 32 * 2)

@@ -1,17 +1,20 @@
-"""``ep-megatron ckpt``: inspect and convert layout-free checkpoints (single process, no GPU)."""
+"""``ep-megatron ckpt``: inspect and convert layout-free checkpoints (single process, no GPU).
+
+torch and the checkpoint code are imported by the commands that run, not by registering them, so that
+``ep-megatron report`` and ``--help`` start without torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ep_megatron.placement import ExpertPlacement
-from ep_megatron.placement.eplb import layer_balancedness
-from ep_megatron.services import checkpoint as ckpt
+    from ep_megatron.placement import ExpertPlacement
 
 CONVERT_TARGETS = ("deepspeed", "safetensors", "torch", "ep-megatron")
 
@@ -48,7 +51,11 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 # ---- inspect ---------------------------------------------------------------------------------------
 def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
-    """Summary of a checkpoint: step, layout, config, placement, per-layer load balance, integrity."""
+    """Summary of a checkpoint: step, layout, config, placement, per-layer load balance (max / mean tokens
+    per rank of the saved load window under the saved placement, 1.0 is perfect), integrity."""
+    from ep_megatron.placement import ExpertPlacement
+    from ep_megatron.services import checkpoint as ckpt
+
     path = ckpt.resolve_checkpoint(path)
     manifest = ckpt.read_manifest(path)
     placement = ExpertPlacement.from_dict(manifest["placement"])
@@ -75,17 +82,31 @@ def summarize(path: str | Path, verify: bool = True) -> dict[str, Any]:
     }
     loads = window_loads(path, manifest, placement)
     if loads is not None:
-        balance = layer_balancedness(placement.physical_to_logical, loads, placement.ep_size)
-        summary["balance_per_layer"] = [round(b, 4) for b in balance.tolist()]
-        summary["balance_worst_layer"] = round(float(balance.min()), 4)
+        ratio = max_over_mean(placement, loads)
+        summary["max_over_mean_per_layer"] = [round(r, 4) for r in ratio.tolist()]
+        summary["max_over_mean_worst_layer"] = round(float(ratio.max()), 4)
         summary["tokens_per_layer"] = loads.sum(1).tolist()
     if verify:
         summary["problems"] = ckpt.verify_files(path, manifest)
     return summary
 
 
+def max_over_mean(placement: ExpertPlacement, loads: torch.Tensor) -> torch.Tensor:
+    """``[L]`` float64 max / mean tokens per rank of each layer under ``placement`` for logical-expert
+    ``loads [L, E]`` (each expert's tokens split evenly over its replicas); 1.0 for a layer without load."""
+    import torch
+
+    from ep_megatron.placement.eplb import gpu_loads
+
+    per_rank = gpu_loads(placement.physical_to_logical, loads, placement.ep_size)  # [L, ranks]
+    mean = per_rank.mean(1)
+    return torch.where(mean > 0, per_rank.max(1).values / mean.clamp(min=1e-300), 1.0)
+
+
 def window_loads(path: Path, manifest: dict[str, Any], placement: ExpertPlacement) -> torch.Tensor | None:
     """``[L, E]`` global loads of the rebalancer's saved window (summed over it), or None without one."""
+    from ep_megatron.services import checkpoint as ckpt
+
     if not manifest["rebalancer"] or "load_window" not in manifest["rebalancer"]:
         return None
     window = ckpt.read_tensor_file(path / "state.pt")[manifest["rebalancer"]["load_window"]["__tensor__"]]
@@ -113,14 +134,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"placement    {placement['strategy']}: {placement['num_logical_experts']} logical experts on "
         f"{placement['num_slots']} slots ({placement['slots_per_rank']} per rank x {placement['ep_size']})",
     ]
-    balance = summary.get("balance_per_layer")
+    ratio = summary.get("max_over_mean_per_layer")
     for i, prefix in enumerate(summary["moe_layers"]):
         text = f"  layer {i:3d} {prefix}: replicated experts {placement['replicated_experts_per_layer'][i]}"
-        if balance is not None:
-            text += f", balance {balance[i]:.3f} over {summary['tokens_per_layer'][i]} token-expert pairs"
+        if ratio is not None:
+            text += f", max/mean {ratio[i]:.3f} over {summary['tokens_per_layer'][i]} token-expert pairs"
         lines.append(text)
-    if balance is not None:
-        lines.append(f"worst layer balance {summary['balance_worst_layer']:.3f} (mean / max tokens per rank)")
+    if ratio is not None:
+        worst = summary["max_over_mean_worst_layer"]
+        lines.append(f"worst layer max/mean {worst:.3f} (max / mean tokens per rank, 1.0 is perfect)")
     problems = summary.get("problems")
     if problems is not None:
         status = "OK" if not problems else "FAILED:\n  " + "\n  ".join(problems)
@@ -130,6 +152,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 # ---- convert ---------------------------------------------------------------------------------------
 def run_convert(args: argparse.Namespace) -> int:
+    from ep_megatron.services import checkpoint as ckpt
+
     if args.to == "deepspeed":
         out = ckpt.export_deepspeed(args.src, args.dst, tag=args.tag)
     elif args.to in ("safetensors", "torch"):

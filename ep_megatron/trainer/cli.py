@@ -5,20 +5,26 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ep_megatron.trainer.shipped import resolve_shipped, shipped_names
 from ep_megatron.version import __version__
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from ep_megatron.trainer.loop import train
 
-    train(args.config, args.set, args.run_dir)
+    train(resolve_shipped(args.config, ".yaml"), args.set, args.run_dir)
     return 0
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from ep_megatron.trainer.report import write_report
+    from ep_megatron.trainer.report import write_comparison, write_report
 
-    print(f"report written to {write_report(args.run_dir)}")
+    if len(args.run_dirs) == 1:
+        print(f"report written to {write_report(args.run_dirs[0])}")
+    elif len(args.run_dirs) == 2:
+        print(f"comparison written to {write_comparison(*args.run_dirs, out=args.out)}")
+    else:
+        raise ValueError(f"give one run directory, or two to compare; got {len(args.run_dirs)}")
     return 0
 
 
@@ -32,14 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ep-megatron {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="pretrain an MoE GPT (launch with torchrun or deepspeed)")
-    train.add_argument("config", help="YAML run config, e.g. configs/tiny_cpu.yaml")
+    train.add_argument("config", help="YAML run config: a path, or the name of a shipped config ("
+                       f"{', '.join(shipped_names('.yaml'))})")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value (repeatable), e.g. --set train.steps=50")
     train.add_argument("--run-dir", default=None, help="output folder (default runs/CONFIG_NAME)")
     train.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     train.set_defaults(run=_run_train)
-    report = sub.add_parser("report", help="regenerate RUN_DIR/report/ from a run's metrics")
-    report.add_argument("run_dir")
+    report = sub.add_parser("report", help="regenerate RUN_DIR/report/ from a run's metrics; with two "
+                            "runs, a side-by-side page (loss, tokens/s, max/mean)")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one run, or two to compare (A B)")
+    report.add_argument("--out", default=None,
+                        help="folder of the comparison page (default: compare_A_vs_B beside run A)")
     report.set_defaults(run=_run_report)
     add_ckpt_subcommands(sub)
     return parser
@@ -53,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names it, no traceback
+    except (ValueError, FileNotFoundError, ImportError) as exc:  # bad input or a missing extra: named
         print(f"ep-megatron {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -18,6 +18,7 @@ from ep_megatron.config import MoEConfig
 from ep_megatron.services.rebalance import RebalanceConfig
 from ep_megatron.trainer.data import DataConfig
 from ep_megatron.trainer.model import GPTConfig
+from ep_megatron.trainer.shipped import resolve_shipped
 
 
 @dataclass
@@ -67,7 +68,7 @@ def deepspeed_config(cfg: TrainerConfig, world_size: int | None = None) -> dict[
     """
     where = f"train.deepspeed_config={cfg.deepspeed_config!r}"
     try:
-        raw = json.loads(Path(cfg.deepspeed_config).read_text())
+        raw = json.loads(resolve_shipped(cfg.deepspeed_config, ".json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{where}: cannot read it as JSON ({exc})") from exc
     if not isinstance(raw, dict):

@@ -41,7 +41,8 @@ from ep_megatron.trainer.config import (
     lr_at,
     moe_config,
 )
-from ep_megatron.trainer.data import DataConfig, PackedTokens, build_data
+from ep_megatron.trainer.data import TokenBatches, build_data, megatron_blend
+from ep_megatron.trainer.metrics_io import METRICS_FILE, ExpertLoadLog
 from ep_megatron.trainer.model import MoEGPT
 from ep_megatron.trainer.report import write_report
 from ep_megatron.trainer.step import forward_backward, optimizer_step
@@ -66,7 +67,7 @@ class _Run:
     config: RunConfig
     groups: ParallelGroups
     device: torch.device
-    data: PackedTokens
+    data: TokenBatches
     model: MoEGPT
     moe: MoELayers  # the model's MoE layers and their placement
     optimizer: OptimizerLike  # what checkpoints save: the torch AdamW or a DeepSpeed ZeRO view
@@ -81,7 +82,7 @@ def _build(config: RunConfig, run_dir: Path) -> _Run:
     ep_size = config.train.expert_parallel_size or env.world_size
     groups = build_groups(ep_size)
     torch.manual_seed(config.train.seed)
-    data = _build_data(config.data, groups)
+    data = _build_data(config, groups)
     moe_cfg = moe_config(config)
     model_cfg = gpt_config(config, data.vocab_size)
     num_moe = sum(model_cfg.is_moe_layer(i) for i in range(model_cfg.num_layers))
@@ -102,14 +103,20 @@ def _build(config: RunConfig, run_dir: Path) -> _Run:
                 run_dir)
 
 
-def _build_data(config: DataConfig, groups: ParallelGroups) -> PackedTokens:
-    """Rank 0 builds (and caches) the corpus first, so the other ranks only read the cache."""
+def _build_data(config: RunConfig, groups: ParallelGroups) -> TokenBatches:
+    """Rank 0 builds (and caches) the corpus first, so the other ranks only read the cache. Megatron's
+    dataset builder orders the ranks itself, so every rank calls it at once."""
+    cfg = config.train
+    num_samples = (cfg.steps * cfg.grad_accum_steps * cfg.micro_batch_size * groups.world_size,
+                   cfg.eval_batches * cfg.micro_batch_size * groups.world_size)
+    if megatron_blend(config.data.source) is not None:
+        return build_data(config.data, num_samples)[0]
     if groups.rank == 0:
-        data, _ = build_data(config)
+        data, _ = build_data(config.data)
     if dist.is_initialized():
         dist.barrier()
     if groups.rank != 0:
-        data, _ = build_data(config)
+        data, _ = build_data(config.data)
     return data
 
 
@@ -223,11 +230,15 @@ def evaluate(run: _Run) -> float:
 
 
 class _Logger:
-    """``metrics.jsonl`` (rank 0), TensorBoard when installed, and a tqdm progress bar."""
+    """``metrics.jsonl`` and ``expert_load.bin`` (rank 0), TensorBoard when installed, and a tqdm progress
+    bar."""
 
     def __init__(self, run: _Run, start_step: int) -> None:
         self.enabled = run.groups.rank == 0
-        self.file = (run.run_dir / "metrics.jsonl").open("a") if self.enabled else None
+        self.file = (run.run_dir / METRICS_FILE).open("a") if self.enabled else None
+        self.expert_load = None
+        if self.enabled:
+            self.expert_load = ExpertLoadLog(run.run_dir, len(run.moe), run.moe.placement.num_logical_experts)
         self.tensorboard = _tensorboard(run.run_dir) if self.enabled else None
         self.bar = None
         if self.enabled:
@@ -248,6 +259,11 @@ class _Logger:
             for layer, value in enumerate(record.get("max_over_mean", [])):
                 self.tensorboard.add_scalar(f"max_over_mean/layer{layer}", value, record["step"])
 
+    def log_expert_load(self, step: int, load: Tensor) -> None:
+        """Append the step's global ``load [L, E]`` (routed token-expert pairs) to ``expert_load.bin``."""
+        if self.expert_load is not None:
+            self.expert_load.append(step, load.numpy())
+
     def progress(self, record: dict[str, Any]) -> None:
         if self.bar is not None:
             self.bar.update(record["step"] - self.bar.n)
@@ -263,6 +279,8 @@ class _Logger:
         if self.enabled:
             self.bar.close()
             self.file.close()
+            if self.expert_load is not None:
+                self.expert_load.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
 
@@ -295,7 +313,7 @@ def _write_run_info(run: _Run, config_path: str) -> None:
         "expert_parallel_size": run.groups.ep_size,
         "sharding_strategy": run.moe.config.sharding_strategy,
         "corpus": run.config.data.source,
-        "bigram_entropy": run.data.train_bigram_entropy(),
+        **_bigram_info(run.data),
         "num_moe_layers": len(run.moe),
         "num_experts": run.moe.config.num_experts,
         "num_slots": run.moe.placement.num_slots,
@@ -304,19 +322,24 @@ def _write_run_info(run: _Run, config_path: str) -> None:
     (run.run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _bigram_info(data: TokenBatches) -> dict[str, Any]:
+    baseline = data.bigram_baseline()
+    return {"bigram_entropy": baseline.nats, "bigram_label": baseline.label}
+
+
 def _optimizer_name(run: _Run) -> str:
     if run.engine is None:
         return "torch AdamW"
     return f"DeepSpeed ZeRO stage {run.engine.zero_optimization_stage()} AdamW"
 
 
-def _step_record(run: _Run, step: int, loss: float, load: Tensor, rows: Tensor, out: StepOutput,
+def _step_record(run: _Run, step: int, loss: float, rows: Tensor, out: StepOutput,
                  metrics: Any) -> dict[str, Any]:
     """The ``metrics.jsonl`` line of a training step (``step`` is 1-based: steps done)."""
     record = {
         "split": "train", "step": step, "loss": loss, "lr": lr_at(step - 1, run.config.train),
         "aux_losses": out.aux_losses, "grad_norm": out.grad_norm, "grad_sync_bytes": out.grad_sync_bytes,
-        "expert_load": load.long().tolist(), "max_over_mean": _max_over_mean(rows, run.groups.ep_size),
+        "max_over_mean": _max_over_mean(rows, run.groups.ep_size),
         "rebalanced": metrics is not None and metrics.slots_moved > 0,
         "slots_moved": metrics.slots_moved if metrics is not None else 0,
         "bytes_moved": sum(metrics.bytes_sent_per_rank) if metrics is not None else 0,
@@ -352,9 +375,10 @@ def train(config_path: str | Path, overrides: list[str] = (),
             metrics = run.rebalancer.step(step_load) if run.rebalancer is not None else None
             mean_loss, load, rows, stop_now = _reduce_step(run, out, step_load, stop.requested)
             step += 1
-            record = _step_record(run, step, mean_loss, load, rows, out, metrics)
+            record = _step_record(run, step, mean_loss, rows, out, metrics)
             record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
             logger.log(record)
+            logger.log_expert_load(step, load)
             if step % cfg.log_interval == 0 or step == cfg.steps:
                 logger.progress(record)
             final = step == cfg.steps or stop_now
@@ -375,7 +399,7 @@ def train(config_path: str | Path, overrides: list[str] = (),
         summary = json.loads((report / "summary.json").read_text())
         print(f"report: {report}")
         print(f"final validation loss {summary['final_val_loss']:.4f} nats/token; "
-              f"byte-bigram conditional entropy {summary['bigram_entropy']:.4f} nats/token")
+              f"{summary['bigram_label']} {summary['bigram_entropy']:.4f} nats/token")
     if dist.is_initialized():
         dist.barrier()
     return summary
