@@ -53,6 +53,7 @@ class MegatronRun:
     seq_length: int = 16
     aux_loss_coeff: float = 0.0
     lr: float = 3e-3
+    clip_grad: float = 1.0  # 0 turns clipping off
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -149,14 +150,14 @@ def wrap_model(run: MegatronRun, config: Any, model: Any) -> Any:
 
 
 def build_optimizer(run: MegatronRun, chunks: list[Any]) -> tuple[Any, Any]:
-    """``get_megatron_optimizer`` (Adam, clip 1.0) and an ``OptimizerParamScheduler`` in samples."""
+    """``get_megatron_optimizer`` (Adam, ``run.clip_grad``) and an ``OptimizerParamScheduler`` in samples."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     bf16 = run.precision == "bf16"
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=run.lr, min_lr=run.lr / 10, weight_decay=0.01, adam_beta1=0.9,
-        adam_beta2=0.95, clip_grad=1.0, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        optimizer="adam", lr=run.lr, min_lr=run.lr / 10, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
+        clip_grad=run.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=run.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
@@ -345,3 +346,27 @@ def expert_weights(model: Any) -> dict[str, np.ndarray]:
     """``{state-dict key: array}`` of every expert weight of this rank (for cross-rank comparisons)."""
     return {key: tensor.detach().float().numpy().copy() for key, tensor in model.state_dict().items()
             if "experts" in key and torch.is_tensor(tensor)}
+
+
+@torch.no_grad()
+def logits(run: MegatronRun, model: Any) -> np.ndarray:
+    """``[mbs, seq, vocab]`` eval-mode logits of this rank's first micro-batch of step 0 (last stage)."""
+    batch = micro_batches(run, 0)[0]
+    model.eval()
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    model.train()
+    return output.float().numpy().copy()
+
+
+def save_checkpoint(model: Any, directory: str) -> None:
+    """Megatron's ``dist_checkpointing.save`` (``torch_dist``) of ``model.sharded_state_dict()``."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(model.sharded_state_dict(), directory)
+
+
+def load_checkpoint(model: Any, directory: str) -> None:
+    """Megatron's ``dist_checkpointing.load`` into ``model`` (strict ``load_state_dict``)."""
+    from megatron.core import dist_checkpointing
+
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))

@@ -29,6 +29,10 @@ installed ``megatron/core``, megatron-core 0.16.1):
 - uneven all-gather as pad / gather / slice: ``tensor_parallel/mappings.py``:150 calls
   ``all_gather`` with unequal chunks (the alltoall dispatcher at TP > 1), which gloo rejects ("invalid
   tensor size"). Uneven reduce-scatter works on gloo.
+- ``dist_checkpointing``'s ``torch_dist`` writer writes in the rank's own process:
+  ``dist_checkpointing/strategies/filesystem_async.py``:55 starts a ``spawn`` Manager for its result
+  queue and :297-322 forks one writer process per bucket, which the daemonic ranks of ``run_ranks``
+  may not do ("daemonic processes are not allowed to have children").
 - the torch fallback norm accepts ``sequence_parallel`` and marks its weights like Apex's
   ``FusedLayerNorm`` does: ``transformer/torch_norm.py``:32 asserts instead, and
   ``distributed/finalize_model_grads.py``:354 all-reduces only marked norm grads over TP.
@@ -43,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import queue
 from typing import Any
 
 import torch
@@ -63,6 +68,7 @@ def install() -> None:
     _patch_tensor_type()
     _patch_streams()
     _patch_megatron()
+    _patch_checkpoint_writer()
     _installed = True
 
 
@@ -147,6 +153,32 @@ def _patch_streams() -> None:
     torch.cuda.current_stream = lambda *args: _DEFAULT_STREAM  # type: ignore[assignment]
     torch.cuda.stream = lambda *args: contextlib.nullcontext()  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *args: None  # type: ignore[assignment]
+
+
+def _patch_checkpoint_writer() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    writer = filesystem_async.FileSystemWriterAsync
+
+    def write_in_process(transform_list: Any, use_msc: bool, rank: int, write_buckets: list,
+                         global_results_queue: Any) -> None:
+        """``write_preloaded_data_multiproc`` without worker processes: same writes, same results."""
+        results: dict[int, Any] = {}
+        for index, bucket in enumerate(write_buckets):
+            local_results: queue.Queue = queue.Queue()
+            count: queue.Queue = queue.Queue()
+            count.put(index)
+            writer.write_preloaded_data(transform_list, index, bucket, local_results, count, use_fsync=True,
+                                        use_msc=use_msc)
+            proc_index, result = local_results.get()
+            if isinstance(result, Exception):
+                global_results_queue.put(result)
+                return
+            results[proc_index] = result
+        global_results_queue.put(results)
+
+    filesystem_async._get_write_results_queue = queue.Queue
+    writer.write_preloaded_data_multiproc = staticmethod(write_in_process)
 
 
 def _patch_megatron() -> None:

@@ -59,8 +59,9 @@ def test_megatron_moe_and_ours_train_identically_on_ep2_x_dp2():
             np.testing.assert_array_equal(value, results[rank + 2]["ours_experts"][key])
 
 
-def _megatron_parallel_modes(runs) -> list[dict]:
-    """Rank function: Megatron's own MoE GPT trained under each run (process groups rebuilt per run)."""
+def _megatron_parallel_modes(runs, checkpoint_dir) -> dict:
+    """Rank function: Megatron's own MoE GPT trained under each run (process groups rebuilt per run),
+    then saved with ``dist_checkpointing`` at EP 2 and loaded at EP 1."""
     from tests import megatron_harness as harness
 
     results = []
@@ -73,12 +74,26 @@ def _megatron_parallel_modes(runs) -> list[dict]:
         result["optimizers"] = sorted({type(inner).__name__ for inner in optimizer.chained_optimizers})
         results.append(result)
         harness.teardown_megatron()
-    return results
+    ep2, ep1 = runs[0], runs[0].replace(ep=1, seed=runs[0].seed + 1)
+    harness.setup_megatron(ep2)
+    saved = harness.build_gpt(ep2, harness.transformer_config(ep2))
+    harness.save_checkpoint(saved, checkpoint_dir)
+    saved_logits = harness.logits(ep2, saved)
+    harness.teardown_megatron()
+    harness.setup_megatron(ep1)
+    loaded = harness.build_gpt(ep1, harness.transformer_config(ep1))
+    before = harness.logits(ep2, loaded)  # ep2's data: the seed also draws the tokens
+    harness.load_checkpoint(loaded, checkpoint_dir)
+    after = harness.logits(ep2, loaded)
+    harness.teardown_megatron()
+    return {"runs": results, "logits_diff_before_load": float(np.abs(before - saved_logits).max()),
+            "logits_diff_after_load": float(np.abs(after - saved_logits).max())}
 
 
-def test_harness_runs_megatron_moe_under_tp_sp_pp_bf16_and_distributed_optimizer():
+def test_harness_runs_megatron_moe_under_tp_sp_pp_bf16_distributed_optimizer_and_checkpoints(tmp_path):
     """The shim and harness carry Megatron's own MoE GPT (EP 2) through TP 2 + SP (equal to TP 1),
-    bf16 + DistributedOptimizer with overlapped grad reduce, and PP 2 with bf16, on 4 ranks."""
+    bf16 + DistributedOptimizer with overlapped grad reduce, PP 2 with bf16, and a ``dist_checkpointing``
+    save at EP 2 loaded at EP 1 (equal logits), on 4 ranks."""
     from tests.megatron_harness import MegatronRun
 
     base = MegatronRun(layer="megatron", ep=2, steps=5, micro_batches=2, global_batch=8)
@@ -88,9 +103,9 @@ def test_harness_runs_megatron_moe_under_tp_sp_pp_bf16_and_distributed_optimizer
         base.replace(precision="bf16", distributed_optimizer=True, overlap_grad_reduce=True),
         base.replace(pp=2, precision="bf16"),
     ]
-    results = run_ranks(_megatron_parallel_modes, 4, runs, timeout_s=240)
-    tp1, tp2, bf16_distopt, pp2 = results[0]
-    assert all(r == results[0] for r in results[1:])  # every rank reports the same global numbers
+    results = run_ranks(_megatron_parallel_modes, 4, runs, str(tmp_path), timeout_s=240)
+    tp1, tp2, bf16_distopt, pp2 = results[0]["runs"]
+    assert all(r["runs"] == results[0]["runs"] for r in results[1:])  # same global numbers everywhere
     np.testing.assert_allclose(tp2["losses"], tp1["losses"], rtol=1e-5)
     assert tp1["optimizers"] == tp2["optimizers"] == ["FP32Optimizer"]
     assert bf16_distopt["optimizers"] == ["DistributedOptimizer"]
@@ -98,3 +113,6 @@ def test_harness_runs_megatron_moe_under_tp_sp_pp_bf16_and_distributed_optimizer
     for result in (bf16_distopt, pp2):
         assert all(math.isfinite(loss) for loss in result["losses"])
         assert result["losses"][-1] < result["losses"][0] - 0.2, result["losses"]
+    for rank_result in results:
+        assert rank_result["logits_diff_before_load"] > 1e-2  # another seed: the load has work to do
+        assert rank_result["logits_diff_after_load"] < 1e-5
