@@ -34,7 +34,7 @@ class MegatronRun:
     ``layer``: ``"megatron"`` (Megatron's own MoE layer) or ``"ours"`` (``get_gpt_layer_spec_with_ep_moe``
     with ``ep_options``). ``global_batch`` sequences of ``seq_length`` tokens per step are split evenly over
     the data-parallel ranks and then into ``micro_batches``, so runs at different TP / PP sizes see the
-    same global batch.
+    same global batch. ``seed`` seeds Megatron's RNG (the initial weights) and draws the tokens.
     """
 
     layer: str = "megatron"
