@@ -66,6 +66,7 @@ def install() -> None:
     _patch_factories()
     _patch_rng()
     _patch_tensor_type()
+    _patch_tensor_cuda()
     _patch_streams()
     _patch_megatron()
     _patch_checkpoint_writer()
@@ -117,8 +118,11 @@ def _patch_rng() -> None:
     logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
 
 
-def _patch_tensor_type() -> None:
+def _patch_tensor_cuda() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+
+
+def _patch_tensor_type() -> None:
     original = torch.Tensor.type
 
     def tensor_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
