@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 _CTX = mp.get_context("forkserver")
-_CTX.set_forkserver_preload(["torch", "torch.distributed"])
+# Ranks fork from a server that imported these once (a missing one is skipped): Megatron-Core's import
+# costs seconds of CPU per rank otherwise. Importing it patches nothing; tests.megatron_shim patches.
+_CTX.set_forkserver_preload(["torch", "torch.distributed", "megatron.core.models.gpt",
+                             "megatron.core.optimizer", "megatron.core.distributed",
+                             "megatron.core.pipeline_parallel"])
 
 
 class RankFailure(RuntimeError):
