@@ -479,7 +479,7 @@ def _heavy_rounds(item_w: np.ndarray, pack: np.ndarray, num_packs: int, target: 
     heaviest in the first round) each pick their best swap with an item of the lighter half of the packs
     (:func:`_nearest_swaps`, or with ``cost`` :func:`_best_swaps`). Two picks sharing a partner pack: the
     heavier pack keeps it; with ``cost``, picks are taken heaviest first while the row's running spend
-    fits ``budget``. A row stops when its heaviest pack has no swap left; ``rounds`` caps the rounds."""
+    fits ``budget``. A row stops when its heaviest pack has no swap left."""
     num_rows, m = pack.shape
     per_pack, half = m // num_packs, num_packs // 2
     num_light = num_packs - half
@@ -525,14 +525,15 @@ def _heavy_rounds(item_w: np.ndarray, pack: np.ndarray, num_packs: int, target: 
 def _nearest_swaps(item_w: np.ndarray, loads: np.ndarray, heavy: np.ndarray, own: np.ndarray,
                    light: np.ndarray, partners: np.ndarray, target: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The swap of an item ``i`` of each pack ``heavy [r, H]`` (items ``own [r, H, S]``) with an item ``j`` of
-    the packs ``light [r, Q]`` (items ``partners [r, Q, S]``) leaving the pair's heavier pack lightest.
+    """The swap of an item ``i`` of each pack ``heavy [r, H]`` (items ``own [r, H, S]``) with an item ``j``
+    of the packs ``light [r, Q]`` (items ``partners [r, Q, S]``) leaving the pair's heavier pack lightest.
 
     With loads ``a`` (heavy) and ``b`` (partner's pack) the pair ends at ``b - w_j + w_i`` when ``w_j - b /
     2 <= w_i - a / 2`` and at ``a - w_i + w_j`` otherwise. So the partners are sorted by ``w_j - b / 2``:
-    a prefix minimum of ``b - w_j`` and a suffix minimum of ``w_j`` answer each item ``i`` with one
-    binary search, in ``O((H + Q) S log)`` per row instead of ``O(H Q S^2)``. Returns ``(found, i, j,
-    pack_j)``, each ``[r, H]``: ``found`` where the swap lowers a pack above ``target [r]`` (1e-6 margin).
+    a prefix minimum of ``b - w_j`` and a suffix minimum of ``w_j`` answer each item ``i`` once it is
+    merged into that order: ``O((H + Q) S log)`` per row instead of ``O(H Q S^2)``. Orders use float32
+    keys; the chosen swaps are checked in float64. Returns ``(found, i, j, pack_j)``, each ``[r, H]``:
+    ``found`` where the swap lowers a pack above ``target [r]`` (by more than a 1e-6 margin).
     """
     num_rows, num_heavy, per_pack = own.shape
     a = _take(loads, heavy)  # [r, H]
@@ -573,19 +574,19 @@ def _nearest_swaps(item_w: np.ndarray, loads: np.ndarray, heavy: np.ndarray, own
 
 
 def _best_swaps(item_w: np.ndarray, loads: np.ndarray, heavy: np.ndarray, own: np.ndarray, light: np.ndarray,
-                partners: np.ndarray, target: np.ndarray, cost: Cost | None, rows: np.ndarray,
-                left: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                partners: np.ndarray, target: np.ndarray, cost: Cost, rows: np.ndarray,
+                left: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Best swap of an item of each pack ``heavy [r, H]`` (its items ``own [r, H, S]``) with an item of
-    the packs ``light [r, Q]`` (their items ``partners [r, Q, S]``) that lowers the heavier of the two.
+    the packs ``light [r, Q]`` (their items ``partners [r, Q, S]``) that lowers the heavier of the two,
+    under ``cost`` (moves charged for an item in a pack; ``rows [r]`` index its rows).
 
     A swap shifting ``x = w_i - w_j`` from a pack of load ``a`` to one of load ``b`` leaves the pair's
     heavier pack at ``(a + b) / 2 + |x - (a - b) / 2|``: it helps when that distance is below ``(a - b) /
-    2`` (less a 1e-6 margin). Without ``cost``: the swap leaving the heavier pack lightest. With
-    ``cost`` (moves charged for an item in a pack; ``rows [r]`` index its rows): swaps costing no move
-    first (most load shed), then the most load shed per move, never more than ``left [r]`` moves; load
-    shed below ``target [r]`` does not count. Candidates are scored in float32 and the chosen swap is
-    checked in float64. Returns ``(found, i, j, pack_j, spent)``, each ``[r, H]``: whether a swap helps,
-    the items ``i`` (from ``own``) and ``j`` to swap, the pack of ``j`` and the moves the swap costs.
+    2`` (less a 1e-6 margin). Swaps costing no move come first (most load shed), then the most load
+    shed per move, never more than ``left [r]`` moves; load shed below ``target [r]`` does not count.
+    All pairs are scored (``[r, H, S, Q, S]``, float32) and the chosen swap is checked in float64.
+    Returns ``(found, i, j, pack_j, spent)``, each ``[r, H]``: whether a swap helps, the items ``i``
+    (from ``own``) and ``j`` to swap, the pack of ``j`` and the moves the swap costs.
     """
     num_rows, num_heavy, per_pack = own.shape
     num_light = light.shape[1]
@@ -598,22 +599,17 @@ def _best_swaps(item_w: np.ndarray, loads: np.ndarray, heavy: np.ndarray, own: n
     dist -= centre[:, :, None, :, None]
     np.abs(dist, out=dist)  # [r, H, S, Q, S]
     useless = dist >= reach[:, :, None, :, None]
-    if cost is None:  # the heavier pack of the pair ends at (a + b) / 2 + dist: minimise b / 2 + dist
-        score = dist
-        score -= centre[:, :, None, :, None]
-        delta = None
-    else:  # moves charged by the swap: own item i to j's pack, partner j to the heavy pack
-        r3 = rows[:, None, None]
-        delta = ((cost(r3[..., None], own[..., None], light[:, None, None, :])
-                  - cost(r3, own, heavy[:, :, None])[..., None])[..., None].astype(np.float32)
-                 + (cost(r3[..., None], partners[:, None], heavy[:, :, None, None])
-                    - cost(r3, partners, light[:, :, None])[:, None])[:, :, None].astype(np.float32))
-        useless |= delta > (left + 1e-6).astype(np.float32)[:, None, None, None, None]
-        score = dist  # minus the load shed (above the target), per move; free swaps ahead of all
-        score -= centre[:, :, None, :, None]
-        np.maximum(score, (target[:, None] - peak).astype(np.float32)[:, :, None, None, None], out=score)
-        score /= np.maximum(delta, 1)
-        score -= (delta <= 0) * (peak.astype(np.float32) + 1)[:, :, None, None, None]
+    r3 = rows[:, None, None]  # moves charged by the swap: own item i to j's pack, partner j to the heavy pack
+    delta = ((cost(r3[..., None], own[..., None], light[:, None, None, :])
+              - cost(r3, own, heavy[:, :, None])[..., None])[..., None].astype(np.float32)
+             + (cost(r3[..., None], partners[:, None], heavy[:, :, None, None])
+                - cost(r3, partners, light[:, :, None])[:, None])[:, :, None].astype(np.float32))
+    useless |= delta > (left + 1e-6).astype(np.float32)[:, None, None, None, None]
+    score = dist  # minus the load shed (above the target), per move; free swaps ahead of all
+    score -= centre[:, :, None, :, None]
+    np.maximum(score, (target[:, None] - peak).astype(np.float32)[:, :, None, None, None], out=score)
+    score /= np.maximum(delta, 1)
+    score -= (delta <= 0) * (peak.astype(np.float32) + 1)[:, :, None, None, None]
     score[useless] = np.inf
     flat = score.reshape(num_rows, num_heavy, -1)
     best = flat.argmin(2)
@@ -624,9 +620,8 @@ def _best_swaps(item_w: np.ndarray, loads: np.ndarray, heavy: np.ndarray, own: n
     shift = _take(item_w, i) - _take(item_w, j)
     pair = np.maximum(peak - shift, _take(loads, pack_j) + shift)  # float64 check of the chosen swaps
     found = (np.take_along_axis(flat, best[:, :, None], 2)[:, :, 0] < np.inf) & (pair < peak * (1 - 1e-6))
-    spent = np.zeros(i.shape) if delta is None else np.take_along_axis(
-        delta.reshape(num_rows, num_heavy, -1), best[:, :, None], 2)[:, :, 0].astype(np.float64)
-    return found, i, j, pack_j, spent
+    spent = np.take_along_axis(delta.reshape(num_rows, num_heavy, -1), best[:, :, None], 2)[:, :, 0]
+    return found, i, j, pack_j, spent.astype(np.float64)
 
 
 def _charge(cost: Cost, pack: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -872,7 +867,9 @@ def _fresh(w: np.ndarray, num_slots: int, num_packs: int, rows_per_layer: int, r
     that need it least to one of the 2 largest experts in the heaviest pack (big items that must share
     a pack are what D'Hondt counts ignore), keeping the change that lowers the peak most. A candidate
     starts from the current slots with the shrinking expert's copy in the lightest pack given to the
-    growing expert, then :func:`_improve` (two per pack: sorted pairing, optimal).
+    growing expert, then :func:`_improve` (two per pack: sorted pairing, optimal). A row whose
+    candidates all fail that way tries them once more packed afresh (:func:`_pack_counts`) before it
+    stops.
     """
     num_rows, n = w.shape
     counts = _replica_counts(w, num_slots, num_packs)
@@ -913,6 +910,13 @@ def _fresh(w: np.ndarray, num_slots: int, num_packs: int, rows_per_layer: int, r
         before = (np.repeat(x, num_pairs, axis=0) for x in (load, here, pack_load))
         new_slots, new_peak = _recount(*before, tried, grow.reshape(-1), shrink.reshape(-1), num_packs)
         new_peak = np.where(valid, new_peak.reshape(rows.size, -1), np.inf)
+        stuck = (new_peak.min(1) >= peak[rows] * (1 - 1e-6)).nonzero()[0]
+        if stuck.size and new_slots is not None:  # before giving up: the candidates packed afresh
+            lanes = (stuck[:, None] * num_pairs + np.arange(num_pairs)).reshape(-1)
+            again, again_peak = _pack_counts(np.repeat(load[stuck], num_pairs, axis=0), tried[lanes],
+                                             num_packs)
+            new_slots[lanes] = again
+            new_peak[stuck] = np.where(valid[stuck], again_peak.reshape(stuck.size, -1), np.inf)
         best = new_peak.argmin(1)
         better = new_peak[np.arange(rows.size), best] < peak[rows] * (1 - 1e-6)
         done[rows[~better]] = True
