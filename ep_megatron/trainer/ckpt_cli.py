@@ -96,9 +96,9 @@ def max_over_mean(placement: ExpertPlacement, loads: torch.Tensor) -> torch.Tens
     ``loads [L, E]`` (each expert's tokens split evenly over its replicas); 1.0 for a layer without load."""
     import torch
 
-    from ep_megatron.placement.eplb import gpu_loads
+    from ep_megatron.placement.eplb import rank_loads
 
-    per_rank = gpu_loads(placement.physical_to_logical, loads, placement.ep_size)  # [L, ranks]
+    per_rank = rank_loads(placement.physical_to_logical, loads, placement.ep_size)  # [L, ranks]
     mean = per_rank.mean(1)
     return torch.where(mean > 0, per_rank.max(1).values / mean.clamp(min=1e-300), 1.0)
 
