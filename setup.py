@@ -27,8 +27,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff", "tokenizers"],
-        "hf": ["tokenizers"],
+        "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff", "tokenizers", "transformers>=5"],
+        "hf": ["tokenizers", "transformers>=5"],
     },
     entry_points={"console_scripts": ["ep-megatron=ep_megatron.trainer.cli:main"]},
 )
