@@ -72,12 +72,13 @@ def _hf_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")]
 
 
-def _forward_backward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits; backward of the LM loss (plus HF's own aux loss where the family has one)."""
+def _forward_backward(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logits, HF aux loss or None)``; backward of the LM loss (plus HF's aux loss where the family has
+    one: Mixtral and the Qwens, through the swapped blocks' router-logits taps)."""
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=ids, output_router_logits=True)
     out.loss.backward()
-    return out.logits.detach()
+    return out.logits.detach(), None if out.aux_loss is None else out.aux_loss.detach()
 
 
 def _reference_grads(blocks: list[torch.nn.Module]) -> list[dict[str, torch.Tensor]]:
@@ -102,12 +103,15 @@ def test_swap_matches_hf_logits_and_grads_one_rank(case):
     original = build_hf_model(case)
     ids = token_batch(0)
     swapped = copy.deepcopy(original)
-    ref_logits = _forward_backward(original, ids)
+    ref_logits, ref_aux = _forward_backward(original, ids)
     reference = _reference_grads(_hf_blocks(original))
     swap = hf.swap_moe_blocks(swapped, ParallelGroups.single())
     assert not _hf_blocks(swapped) and len(swap.layers) == len(reference)
-    logits = _forward_backward(swapped, ids)
+    logits, aux = _forward_backward(swapped, ids)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
+    assert (aux is None) == (ref_aux is None) == case.startswith("deepseek")
+    if aux is not None:
+        torch.testing.assert_close(aux, ref_aux, rtol=1e-5, atol=0)
     _check_grads(swap, reference, ep_rank=0)
     embed, ref_embed = swapped.model.embed_tokens.weight, original.model.embed_tokens.weight
     torch.testing.assert_close(embed.grad, ref_embed.grad, rtol=1e-4, atol=1e-6)
@@ -119,6 +123,17 @@ def test_swap_matches_hf_logits_and_grads_one_rank(case):
             else:
                 block.experts.gate_up_proj.neg_()
         assert (original(input_ids=ids).logits - ref_logits).abs().max() > 1e-3
+
+
+def test_our_seq_aux_loss_on_a_swapped_model_leaves_the_logits():
+    original = build_hf_model("mixtral")
+    swapped = copy.deepcopy(original)
+    swap = hf.swap_moe_blocks(swapped, ParallelGroups.single(), load_balancing_type="seq_aux_loss",
+                              aux_loss_coeff=0.01)
+    ids = token_batch(0)
+    logits, _ = _forward_backward(swapped.train(), ids)  # [seq, batch]-major tokens for per-sequence losses
+    torch.testing.assert_close(logits, original.train()(input_ids=ids).logits.detach(), rtol=0, atol=1e-5)
+    assert all(layer.last_aux_losses["seq_aux_loss"] > 0 for layer in swap.layers)
 
 
 def test_unmapped_models_and_options_are_refused_by_name():
@@ -211,7 +226,7 @@ def _swap_two_ranks() -> None:
     for case in ("mixtral", "qwen3_moe", "deepseek_v3"):
         original = build_hf_model(case)
         pristine = copy.deepcopy(original)
-        ref_logits = _forward_backward(original, ids)
+        ref_logits, _ = _forward_backward(original, ids)
         reference = _reference_grads(_hf_blocks(original))
         for grads in reference:  # the gradient of the sum of both ranks' losses
             for grad in grads.values():
@@ -219,7 +234,7 @@ def _swap_two_ranks() -> None:
         for strategy, options in STRATEGIES.items():
             swapped = copy.deepcopy(pristine)
             swap = hf.swap_moe_blocks(swapped, groups, sharding_strategy=strategy, **options)
-            logits = _forward_backward(swapped, ids)
+            logits, _ = _forward_backward(swapped, ids)
             torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5, msg=f"{case} {strategy}")
             ExpertGradSync(swap.layers, groups, grad_scale=1.0).sync_grads()  # sum over replicas
             for layer in swap.layers:
