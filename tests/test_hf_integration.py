@@ -165,7 +165,7 @@ def _save_swapped(model: torch.nn.Module, swap: hf.HFSwap, root: Path) -> Path:
                            extra=swap.checkpoint_extra())
 
 
-@pytest.mark.parametrize("case", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3"])
 def test_hf_dir_import_export_round_trip_and_load_into_swapped_model(tmp_path, case):
     original = build_hf_model(case)
     original.save_pretrained(tmp_path / "hf")
@@ -191,6 +191,11 @@ def test_hf_dir_import_export_round_trip_and_load_into_swapped_model(tmp_path, c
     ids = token_batch(0)
     ref_logits = original(input_ids=ids).logits
     torch.testing.assert_close(swapped(input_ids=ids).logits, ref_logits, rtol=0, atol=1e-5)
+    # ... and its export (config.json recorded at the swap) loads with from_pretrained
+    exported = hf.export_hf(_save_swapped(swapped, swap, tmp_path / "swapped"), tmp_path / "exported")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert type(reloaded) is type(original)
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, ref_logits, rtol=0, atol=1e-5)
 
 
 def test_moegpt_exports_to_mixtral_where_it_maps(tmp_path):
@@ -200,9 +205,15 @@ def test_moegpt_exports_to_mixtral_where_it_maps(tmp_path):
                     load_balancing_type="aux_loss", aux_loss_coeff=0.01)
     placement = moe.placement(2)
     model = MoEGPT(gpt, lambda i: MoELayer(moe, placement, ParallelGroups.single(), i)).eval()
-    path = save_checkpoint(tmp_path / "ckpt", 3, model, None, ParallelGroups.single(), moe_config=moe)
-    out = hf.export_moegpt_mixtral(path, tmp_path / "mixtral", gpt)
-    mixtral = transformers.MixtralForCausalLM.from_pretrained(out).eval()
+    save_checkpoint(tmp_path / "ckpt", 3, model, None, ParallelGroups.single(), moe_config=moe)
+    run_yaml = tmp_path / "run.yaml"  # what `ep-megatron train` ran with (the model and data sections matter)
+    run_yaml.write_text(json.dumps({
+        "model": {k: getattr(gpt, k) for k in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
+                                                "moe_layer_freq", "tie_embeddings", "init_std")},
+        "moe": {"num_experts": 4, "ffn_hidden_size": 32, "top_k": 2}, "data": {"seq_len": gpt.max_seq_len}}))
+    assert cli_main(["ckpt", "convert", str(tmp_path / "ckpt"), str(tmp_path / "mixtral"), "--to", "hf",
+                     "--model-config", str(run_yaml)]) == 0
+    mixtral = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
     ids = token_batch(0, seq=16)
     torch.testing.assert_close(mixtral(input_ids=ids).logits, model(ids), rtol=0, atol=1e-5)
     for field, value in [("moe_layer_freq", 2), ("activation", "gelu"), ("score_function", "sigmoid"),
