@@ -1,10 +1,11 @@
 """The Hugging Face MoE families we map, their on-disk names, and their routing as a :class:`MoEConfig`.
 
-Each family's routing semantics are carried exactly (``transformers`` 5.x ``modeling_*.py``):
+Each family's routing semantics are carried exactly, in HF's order of operations (``transformers`` 5.x
+``modeling_*.py``), as our ``pre_softmax=True`` with ``norm_topk_prob`` for the softmax families:
 
 ========== ====================================================================================
 mixtral    softmax over the experts, top-k, renormalised (= softmax over the top-k logits)
-qwen3_moe  softmax, top-k; renormalised iff ``norm_topk_prob`` (else ``pre_softmax`` probabilities)
+qwen3_moe  softmax, top-k; renormalised iff ``norm_topk_prob``
 qwen2_moe  as qwen3_moe, plus a shared expert scaled by ``sigmoid(x @ shared_expert_gate)``
 deepseek_v3 sigmoid scores, ``e_score_correction_bias`` (our ``expert_bias``) steers a group-limited
            top-k (a group scores by its top-2 experts), chosen scores renormalised iff
@@ -104,13 +105,14 @@ def _mixtral(config: Any) -> dict[str, Any]:
                          f"block); set it to 0.0")
     return {"ffn_hidden_size": _get(config, "intermediate_size"),
             "num_experts": _get(config, "num_local_experts"),
-            "score_function": "softmax", "pre_softmax": False}
+            "score_function": "softmax", "pre_softmax": True, "norm_topk_prob": True}
 
 
 def _qwen(config: Any) -> dict[str, Any]:
     fields = {"ffn_hidden_size": _get(config, "moe_intermediate_size"),
               "num_experts": _get(config, "num_experts"),
-              "score_function": "softmax", "pre_softmax": not _get(config, "norm_topk_prob")}
+              "score_function": "softmax", "pre_softmax": True,
+              "norm_topk_prob": bool(_get(config, "norm_topk_prob"))}
     if _get(config, "model_type") == "qwen2_moe":
         shared = _get(config, "shared_expert_intermediate_size")
         if not shared:
