@@ -16,7 +16,7 @@ exec((Path(__file__).parent / "ep_megatron" / "version.py").read_text(), version
 EXTRAS = {
     "megatron": ["megatron-core>=0.16,<0.17"],  # skip it when a Megatron-LM checkout is installed
     "deepspeed": ["deepspeed>=0.19,<0.20"],
-    "hf": ["tokenizers"],  # a local Hugging Face tokenizer.json for text data
+    "hf": ["tokenizers", "transformers>=5"],  # tokenizer.json text data; Hugging Face MoE models
     "tb": ["tensorboard"],
     "wandb": ["wandb"],
     "dev": ["pytest>=8", "pytest-timeout", "hypothesis", "ruff"],

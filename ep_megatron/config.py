@@ -8,8 +8,10 @@ field and its allowed range.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from ep_megatron.placement import STRATEGIES, ExpertPlacement
 
@@ -18,6 +20,8 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("none", "aux_loss", "seq_aux_loss")
 DROP_POLICIES = ("probs", "position")
 ROUTER_DTYPES = (None, "fp32", "fp64")
+# Fields older versions wrote into checkpoints that no longer exist (the EP size is the groups').
+RETIRED_FIELDS = frozenset({"expert_parallel_size"})
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class MoEConfig:
     pre_softmax: bool = False  # softmax over all experts before top-k (else over the top-k logits)
     num_groups: int | None = None  # group-limited routing: experts split into this many groups
     group_topk: int | None = None  # groups each token may use (with num_groups)
+    norm_topk_prob: bool | None = None  # top-k probs / sum; None: softmax unless pre_softmax, sigmoid if k>1
+    topk_scaling_factor: float = 1.0  # routed probs times this, after normalisation (DeepSeek-V3: 2.5)
     load_balancing_type: str = "none"  # "none", "aux_loss" (Switch/GShard), "seq_aux_loss" (DeepSeek-V2/V3)
     aux_loss_coeff: float = 0.0  # coefficient of the aux / seq-aux load-balancing loss
     z_loss_coeff: float = 0.0  # coefficient of the router z-loss (ST-MoE); 0 disables it
@@ -41,6 +47,7 @@ class MoEConfig:
     capacity_factor: float | None = None  # None: dropless; else capacity = ceil(cf * tokens * top_k / E)
     drop_policy: str = "probs"  # over capacity, keep the highest-prob ("probs") or earliest ("position")
     shared_expert_ffn_size: int = 0  # width of the always-on shared expert MLP; 0 means none
+    shared_expert_gate: bool = False  # shared expert output times sigmoid(x @ gate [1, hidden]) (Qwen2-MoE)
     sharding_strategy: str = "model"  # initial placement: "data", "model", "hybrid" or "dynamic"
     replicated_experts: tuple[int, ...] = ()  # hybrid: logical experts replicated on every rank
     num_redundant_experts: int = 0  # dynamic: extra physical slots beyond num_experts
@@ -66,6 +73,8 @@ class MoEConfig:
             raise ValueError(f"activation={self.activation!r} must be one of {ACTIVATIONS}")
         if self.shared_expert_ffn_size < 0:
             raise ValueError(f"shared_expert_ffn_size={self.shared_expert_ffn_size} must be >= 0 (0 = none)")
+        if self.shared_expert_gate and not self.shared_expert_ffn_size:
+            raise ValueError("shared_expert_gate=True requires shared_expert_ffn_size > 0")
         if not (self.init_std > 0 and math.isfinite(self.init_std)):
             raise ValueError(f"init_std={self.init_std} must be a finite float > 0")
 
@@ -74,6 +83,11 @@ class MoEConfig:
             raise ValueError(f"score_function={self.score_function!r} must be one of {SCORE_FUNCTIONS}")
         if self.pre_softmax and self.score_function != "softmax":
             raise ValueError("pre_softmax=True requires score_function='softmax'")
+        if self.norm_topk_prob is False and self.score_function == "softmax" and not self.pre_softmax:
+            raise ValueError("norm_topk_prob=False requires pre_softmax=True with score_function='softmax' "
+                             "(a softmax over the top-k logits is normalised by construction)")
+        if not (self.topk_scaling_factor > 0 and math.isfinite(self.topk_scaling_factor)):
+            raise ValueError(f"topk_scaling_factor={self.topk_scaling_factor} must be a finite float > 0")
         if (self.num_groups is None) != (self.group_topk is None):
             raise ValueError(
                 f"num_groups={self.num_groups} and group_topk={self.group_topk}: set both or neither"
@@ -128,6 +142,16 @@ class MoEConfig:
             raise ValueError(f"num_redundant_experts={self.num_redundant_experts} must be >= 0")
         if self.num_redundant_experts and self.sharding_strategy != "dynamic":
             raise ValueError("num_redundant_experts is only used by sharding_strategy='dynamic'")
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> MoEConfig:
+        """From the JSON form checkpoints record (lists become tuples); retired fields are dropped, any
+        other unknown key raises ``ValueError`` naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known - RETIRED_FIELDS)
+        if unknown:
+            raise ValueError(f"MoEConfig has no field(s) {unknown}; fields are {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known})
 
     @property
     def fc1_out(self) -> int:

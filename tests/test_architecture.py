@@ -48,6 +48,10 @@ ORDER = [
     "ep_megatron.integrations",
     "ep_megatron.integrations.megatron",
     "ep_megatron.integrations.deepspeed",
+    "ep_megatron.integrations.hf.families",
+    "ep_megatron.integrations.hf.swap",
+    "ep_megatron.integrations.hf.convert",
+    "ep_megatron.integrations.hf",
     # the trainer
     "ep_megatron.trainer",
     "ep_megatron.trainer.shipped",
@@ -58,6 +62,7 @@ ORDER = [
     "ep_megatron.trainer.report",
     "ep_megatron.trainer.config",
     "ep_megatron.trainer.loop",
+    "ep_megatron.trainer.hf_export",
     "ep_megatron.trainer.ckpt_cli",
     "ep_megatron.trainer.cli",
     "ep_megatron.__main__",

@@ -36,7 +36,8 @@ def expert_init(config: MoEConfig, layer_idx: int, logical_id: int) -> tuple[Ten
 
 
 class SharedExpertMLP(nn.Module):
-    """Always-on dense MLP of width ``shared_expert_ffn_size`` with the experts' activation."""
+    """Always-on dense MLP of width ``shared_expert_ffn_size`` with the experts' activation; with
+    ``shared_expert_gate`` its output is scaled per token by ``sigmoid(tokens @ gate_weight.t())``."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -44,10 +45,15 @@ class SharedExpertMLP(nn.Module):
         fc1_out = config.shared_expert_ffn_size * (2 if config.activation == "swiglu" else 1)
         self.fc1_weight = nn.Parameter(torch.empty(fc1_out, config.hidden_size))
         self.fc2_weight = nn.Parameter(torch.empty(config.hidden_size, config.shared_expert_ffn_size))
+        gated = config.shared_expert_gate
+        self.gate_weight = nn.Parameter(torch.empty(1, config.hidden_size)) if gated else None  # [1, hidden]
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``[T, hidden] -> [T, hidden]``."""
-        return expert_activation(tokens @ self.fc1_weight.t(), self.activation) @ self.fc2_weight.t()
+        output = expert_activation(tokens @ self.fc1_weight.t(), self.activation) @ self.fc2_weight.t()
+        if self.gate_weight is not None:
+            output = torch.sigmoid(tokens @ self.gate_weight.t()) * output
+        return output
 
 
 class MoELayer(nn.Module):

@@ -161,11 +161,20 @@ def _topk(selection_scores: Tensor, cfg: MoEConfig) -> Tensor:
 
 
 def _probs(scores: Tensor, logical_ids: Tensor, cfg: MoEConfig) -> Tensor:
-    """``[T, top_k]`` routing weights from ``scores [T, E]`` at the chosen ids."""
+    """``[T, top_k]`` routing weights from ``scores [T, E]`` at the chosen ids.
+
+    Softmax over the top-k logits, or the chosen scores divided by their sum when ``norm_topk_prob`` says so
+    (``None``: sigmoid scores when ``top_k > 1``, as Megatron-Core), then times ``topk_scaling_factor``.
+    """
     chosen = scores.gather(1, logical_ids)
-    if cfg.score_function == "sigmoid":
-        return chosen / (chosen.sum(-1, keepdim=True) + 1e-20) if cfg.top_k > 1 else chosen
-    return chosen if cfg.pre_softmax else torch.softmax(chosen, dim=-1)
+    if cfg.score_function == "softmax" and not cfg.pre_softmax:
+        probs = torch.softmax(chosen, dim=-1)
+    else:
+        normalise = cfg.norm_topk_prob
+        if normalise is None:
+            normalise = cfg.score_function == "sigmoid" and cfg.top_k > 1
+        probs = chosen / (chosen.sum(-1, keepdim=True) + 1e-20) if normalise else chosen
+    return probs * cfg.topk_scaling_factor if cfg.topk_scaling_factor != 1.0 else probs
 
 
 def _apply_capacity(probs: Tensor, logical_ids: Tensor, cfg: MoEConfig) -> tuple[Tensor | None, int]:

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
     from ep_megatron.placement import ExpertPlacement
 
-CONVERT_TARGETS = ("deepspeed", "safetensors", "torch", "ep-megatron")
+CONVERT_TARGETS = ("deepspeed", "safetensors", "torch", "hf", "ep-megatron")
+IMPORT_SOURCES = ("deepspeed", "hf")
 
 
 def add_ckpt_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -33,14 +34,23 @@ def add_ckpt_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
     convert = commands.add_parser(
         "convert",
-        help="to DeepSpeed MoE expert files or a consolidated safetensors / torch file; from DeepSpeed",
+        help="to DeepSpeed MoE expert files, a consolidated safetensors / torch file or a Hugging Face "
+             "directory; from DeepSpeed or Hugging Face",
     )
-    convert.add_argument("src", help="our checkpoint (or root); a DeepSpeed dir for --to ep-megatron")
-    convert.add_argument("dst", help="output directory (deepspeed, ep-megatron) or file (safetensors, torch)")
+    convert.add_argument("src", help="our checkpoint (or root); a DeepSpeed / HF dir for --to ep-megatron")
+    convert.add_argument("dst", help="output dir (deepspeed, hf, ep-megatron) or file (safetensors, torch)")
     convert.add_argument("--to", required=True, choices=CONVERT_TARGETS, help="output format")
+    convert.add_argument("--from", dest="source", default="deepspeed", choices=IMPORT_SOURCES,
+                         help="what src is with --to ep-megatron (default: deepspeed)")
     convert.add_argument("--tag", default=None, help="DeepSpeed tag (default: global_step{N} / 'latest')")
     convert.add_argument("--config", default=None,
-                         help="JSON file with the MoE config fields to record (--to ep-megatron)")
+                         help="JSON file with the MoE config fields to record (--to ep-megatron --from "
+                              "deepspeed; with --from hf: extra fields such as sharding_strategy)")
+    convert.add_argument("--hf-config", default=None,
+                         help="--to hf: the HF config.json (or its dir) when the checkpoint records none")
+    convert.add_argument("--model-config", default=None,
+                         help="--to hf for a MoEGPT checkpoint of `ep-megatron train`: its run YAML")
+    convert.add_argument("--max-shard-mb", type=int, default=5000, help="--to hf: largest safetensors shard")
     convert.set_defaults(run=run_convert)
 
 
@@ -162,6 +172,13 @@ def run_convert(args: argparse.Namespace) -> int:
         if dst.suffix != suffix:
             raise ValueError(f"--to {args.to} writes a '{suffix}' file, got dst={args.dst}")
         out = ckpt.export_consolidated(args.src, dst)
+    elif args.to == "hf":
+        out = _convert_to_hf(args)
+    elif args.source == "hf":
+        from ep_megatron.integrations import hf
+
+        options = json.loads(Path(args.config).read_text()) if args.config else {}
+        out = hf.import_hf(args.src, args.dst, **options)
     else:
         if args.config is None:
             raise ValueError("--to ep-megatron needs --config CONFIG.json (the model's MoE config fields)")
@@ -170,3 +187,23 @@ def run_convert(args: argparse.Namespace) -> int:
         out = ckpt.save_tensors_checkpoint(args.dst, step, tensors, config=config, moe_prefixes=prefixes)
     print(out)
     return 0
+
+
+def _convert_to_hf(args: argparse.Namespace) -> Path:
+    """A swapped HF model's checkpoint -> its family's layout; a MoEGPT's (--model-config) -> Mixtral."""
+    from ep_megatron.integrations import hf
+
+    max_shard_bytes = args.max_shard_mb * 2**20
+    if args.model_config is None:
+        return hf.export_hf(args.src, args.dst, hf_config=args.hf_config, max_shard_bytes=max_shard_bytes)
+    from ep_megatron.services import checkpoint as ckpt
+    from ep_megatron.trainer.config import gpt_config, load_config
+
+    path = ckpt.resolve_checkpoint(args.src)
+    shapes = ckpt.read_manifest(path)["tensors_model"]
+    if "embed.weight" not in shapes:
+        raise ValueError(f"{path} is not a MoEGPT checkpoint (no embed.weight); drop --model-config")
+    model = gpt_config(load_config(args.model_config), shapes["embed.weight"][0])
+    from ep_megatron.trainer.hf_export import export_moegpt_mixtral
+
+    return export_moegpt_mixtral(path, args.dst, model, max_shard_bytes=max_shard_bytes)

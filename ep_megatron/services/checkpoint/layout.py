@@ -199,8 +199,12 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], fields: f
 # coefficients, seeds) may change between a save and a load.
 MODEL_FIELDS = frozenset({
     "hidden_size", "ffn_hidden_size", "num_experts", "top_k", "activation", "score_function", "pre_softmax",
-    "num_groups", "group_topk", "enable_expert_bias", "shared_expert_ffn_size",
+    "num_groups", "group_topk", "enable_expert_bias", "shared_expert_ffn_size", "norm_topk_prob",
+    "topk_scaling_factor", "shared_expert_gate",
 })
+
+
+_REQUIRED = ("hidden_size", "ffn_hidden_size", "num_experts")  # MoEConfig fields without a default
 
 
 def model_shapes(view: ModelView) -> dict[str, list[int]]:
@@ -211,7 +215,10 @@ def model_shapes(view: ModelView) -> dict[str, list[int]]:
 
 def check_compatible(manifest: dict[str, Any], view: ModelView, moe: MoELayers) -> None:
     """Raise one ``ValueError`` listing every model difference between a checkpoint and the model."""
-    diffs = config_differences(manifest["config"], config_dict(moe.config), MODEL_FIELDS)
+    # A field a checkpoint of an older version lacks had its default value then.
+    defaults = config_dict(type(moe.config)(**{f: getattr(moe.config, f) for f in _REQUIRED}))
+    saved = {**defaults, **manifest["config"]}
+    diffs = config_differences(saved, config_dict(moe.config), MODEL_FIELDS)
     saved_layers, current_layers = len(manifest["moe_layers"]), len(moe)
     if saved_layers != current_layers:
         diffs.append(f"num_moe_layers: checkpoint {saved_layers} != model {current_layers}")
