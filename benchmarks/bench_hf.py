@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import os
-import socket
 import statistics
+import sys
 import time
-import traceback
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.multirank import run_ranks  # noqa: E402
 
 NUM_EXPERTS, TOP_K, NUM_LAYERS, HIDDEN, FFN, VOCAB = 8, 2, 2, 256, 1024, 256
 BATCH, SEQ = 4, 256  # tokens per rank per step: 1024
@@ -158,48 +159,11 @@ def _train(mode: str, num_steps: int) -> dict[str, Any]:
     return {"steps": steps}
 
 
-def _worker(rank: int, world_size: int, port: int, mode: str, num_steps: int, results: Any) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-        from ep_megatron.parallel import init_distributed
-
-        init_distributed(backend="gloo")
-        results.put((rank, "ok", _train(mode, num_steps)))
-        torch.distributed.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - report every failure to the parent
-        results.put((rank, "error", traceback.format_exc()))
 
 
-def launch(mode: str, world_size: int, num_steps: int, timeout_s: float = 600.0) -> list[dict[str, Any]]:
-    """Run ``_train(mode)`` on ``world_size`` gloo ranks; per-rank results in rank order."""
-    ctx = mp.get_context("forkserver")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, mode, num_steps, results), daemon=True)
-             for r in range(world_size)]
-    for proc in procs:
-        proc.start()
-    out: dict[int, Any] = {}
-    try:
-        deadline = time.monotonic() + timeout_s
-        while len(out) < world_size:
-            rank, status, payload = results.get(timeout=max(1.0, deadline - time.monotonic()))
-            if status != "ok":
-                raise RuntimeError(f"{mode} rank {rank} failed:\n{payload}")
-            out[rank] = payload
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(timeout=10)
-    return [out[r] for r in range(world_size)]
+def launch(mode: str, world_size: int, num_steps: int) -> list[dict[str, Any]]:
+    """Run ``_train(mode, num_steps)`` on ``world_size`` gloo ranks; per-rank results in rank order."""
+    return run_ranks(_train, world_size, mode, num_steps, timeout_s=600)
 
 
 def summarize(per_rank: list[dict[str, Any]]) -> dict[str, float]:
