@@ -64,11 +64,31 @@ def test_config_lists_every_unsupported_field_in_one_error():
         moe_config_from_megatron(_tc(), no_such_option=1)
 
 
+def test_dispatchers_and_parallel_layouts_we_cannot_run_are_rejected_by_name():
+    """DeepEP / flex dispatchers; TP > 1 without sequence parallelism; expert-TP > 1 (Megatron's default
+    at TP > 1). TP with SP and expert-TP 1, CP and PP are accepted."""
+    from ep_megatron.integrations.megatron import moe_config_from_megatron
+
+    cases = {
+        "moe_token_dispatcher_type='flex'": _tc(moe_token_dispatcher_type="flex"),
+        "moe_enable_deepep=True": _tc(moe_token_dispatcher_type="flex", moe_enable_deepep=True),
+        "sequence_parallel=False with tensor_model_parallel_size=2": _tc(tensor_model_parallel_size=2,
+                                                                         expert_tensor_parallel_size=1),
+        "expert_tensor_parallel_size=2": _tc(tensor_model_parallel_size=2, sequence_parallel=True),
+    }
+    for name, tc in cases.items():
+        with pytest.raises(ValueError, match=name.replace("(", r"\(")):
+            moe_config_from_megatron(tc)
+    for ok in (_tc(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1),
+               _tc(context_parallel_size=2, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)):
+        moe_config_from_megatron(ok)
+
+
 def test_every_megatron_moe_field_is_classified():
     """A Megatron moe_* field we neither map nor ignore on purpose is reported when set."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ep_megatron.integrations import megatron as glue
+    from ep_megatron.integrations.megatron import config as glue
 
     handled = set(glue._DIRECT_FIELDS) | set(glue._CONVERTED_FIELDS) | set(glue._IMPLEMENTATION_FIELDS)
     moe_fields = {f.name for f in dataclasses.fields(TransformerConfig) if f.name.startswith("moe_")}
