@@ -60,6 +60,7 @@ class MegatronRun:
     score_function: str = "softmax"
     expert_bias_rate: float = 0.0  # > 0: moe_router_enable_expert_bias with this update rate
     padding: bool = False
+    per_token_loss: bool = False  # Megatron's calculate_per_token_loss (aux losses scaled by local tokens)
     eplb_interval: int = 0  # ours only: rebalance every this many steps (0: never)
     lr: float = 3e-3
     lr_decay_steps: int = 20  # cosine decay horizon, independent of ``steps`` (runs of any length agree)
@@ -120,6 +121,7 @@ def transformer_config(run: MegatronRun) -> Any:
         pipeline_model_parallel_size=run.pp, sequence_parallel=run.sequence_parallel,
         expert_model_parallel_size=run.ep, expert_tensor_parallel_size=1,
         bf16=run.precision == "bf16", params_dtype=dtype, pipeline_dtype=dtype,
+        calculate_per_token_loss=run.per_token_loss,
     )
 
 

@@ -63,9 +63,9 @@ def test_ours_equals_megatrons_moe_and_rebalancing_keeps_losses_and_replicas_exa
     - ours (``model``) equals Megatron's own MoE for 10 steps (aux loss through Megatron's scaler);
     - ours ``dynamic`` (replicas) + rebalancing every 4 steps + overlapped grad reduce equals ours
       ``model`` for 20 steps, grad norms included (each logical expert counted once);
-    - ``padding_mask`` with seq-aux + z-loss, and sigmoid routing with Megatron's expert bias (updated by
-      ``finalize_model_grads`` from our ``local_tokens_per_expert``): ours ``dynamic`` + rebalancing
-      equals Megatron's own, expert-bias values included;
+    - ``padding_mask`` with seq-aux + z-loss and ``calculate_per_token_loss``, and sigmoid routing with
+      Megatron's expert bias (updated by ``finalize_model_grads`` from our ``local_tokens_per_expert``):
+      ours ``dynamic`` + rebalancing equals Megatron's own, expert-bias values included;
     - bf16 + DistributedOptimizer + overlap, ``dynamic`` + rebalancing: trains, replicas bit-identical.
     """
     from tests.megatron_harness import MegatronRun
@@ -74,7 +74,8 @@ def test_ours_equals_megatrons_moe_and_rebalancing_keeps_losses_and_replicas_exa
                        aux_loss_coeff=0.01)
     model = base.replace(layer="ours", ep_options=MODEL, steps=20)
     dynamic = model.replace(ep_options=DYNAMIC, eplb_interval=4, overlap_grad_reduce=True)
-    padded = base.replace(steps=4, load_balancing="seq_aux_loss", z_loss_coeff=1e-3, padding=True)
+    padded = base.replace(steps=4, load_balancing="seq_aux_loss", z_loss_coeff=1e-3, padding=True,
+                          per_token_loss=True)
     biased = base.replace(steps=4, score_function="sigmoid", expert_bias_rate=0.05)
     bf16 = dynamic.replace(steps=9, eplb_interval=3, precision="bf16", distributed_optimizer=True)
     pairs = [(base, [model, dynamic])]

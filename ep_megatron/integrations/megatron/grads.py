@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ep_megatron.layer.moe_layers import MoELayers
-from ep_megatron.parallel.grad_sync import LayerGrads, sync_layers
+from ep_megatron.parallel.grad_sync import LayerGrads, layer_plans, sync_layers
+from ep_megatron.placement import ExpertPlacement
 
 _WRAPPED = "_ep_megatron_replica_sync"  # marks a bucket group whose grad sync is wrapped
 
@@ -47,6 +48,8 @@ class ReplicaGradSync:
         self.moe = moe
         self.calls = 0
         self.exact_after_reduce = moe.groups.edp_size >= 3
+        # index plans of sync_layers per (layer, device), for the placement they were derived from
+        self._plans: tuple[ExpertPlacement, dict[tuple[int, torch.device], Any]] | None = None
         layer_of = {id(p): layer for layer in moe.layers for p in moe.layer_expert_params(layer)}
         covered: set[int] = set()
         for chunk in chunks:
@@ -72,6 +75,19 @@ class ReplicaGradSync:
         return [LayerGrads([p.main_grad for p in params], placement, layer.layer_idx)
                 for layer, params in by_layer if int(placement.replica_count[layer.layer_idx].max()) > 1]
 
+    def _sync(self, items: list[LayerGrads]) -> None:
+        """Replica sum of ``items`` over EP (no EDP reduction, scale 1), index plans cached per placement."""
+        placement = self.moe.placement
+        if self._plans is None or self._plans[0] is not placement:
+            self._plans = (placement, {})
+        cache = self._plans[1]
+        for item in items:
+            key = (item.layer_idx, item.grads[0].device)
+            if key not in cache:
+                cache[key] = layer_plans([item], self.moe.groups.ep_rank)[0]
+        plans = [cache[(item.layer_idx, item.grads[0].device)] for item in items]
+        sync_layers(items, self.moe.groups, 1.0, reduce_edp=False, plans=plans)
+
     def _wrap(self, bucket_group: Any, by_layer: list[tuple[Any, list[nn.Parameter]]]) -> None:
         if getattr(bucket_group, _WRAPPED, False):
             raise ValueError("model: its expert gradients are already synced by ep_megatron (attach once)")
@@ -83,7 +99,7 @@ class ReplicaGradSync:
                 return start(force_all_reduce)  # Megatron's own guard: dispatched already this step
             items = self._items(by_layer)
             if items:
-                sync_layers(items, self.moe.groups, 1.0, reduce_edp=False)
+                self._sync(items)
                 self.calls += 1
                 force_all_reduce = force_all_reduce or all_reduce
             return start(force_all_reduce)
@@ -107,4 +123,4 @@ class ReplicaGradSync:
             for grad in item.grads:
                 owner = owner_mask[item.layer_idx].to(grad.device).view(-1, *([1] * (grad.dim() - 1)))
                 grad.masked_fill_(~owner, 0)
-        sync_layers(items, self.moe.groups, 1.0, reduce_edp=False)
+        self._sync(items)

@@ -45,7 +45,9 @@ def groups_from_megatron(ep_size: int, pg_collection: Any | None = None) -> Para
     from megatron.core import parallel_state
 
     if pg_collection is not None and getattr(pg_collection, "ep", None) is not None:
-        ep_group, edp_group, stage_group = pg_collection.ep, pg_collection.expt_dp, pg_collection.tp_dp_cp
+        ep_group, edp_group = pg_collection.ep, pg_collection.expt_dp
+        stage_group = getattr(pg_collection, "tp_dp_cp", None) or \
+            parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
     elif parallel_state.model_parallel_is_initialized():
         ep_group = parallel_state.get_expert_model_parallel_group()
         edp_group = parallel_state.get_expert_data_parallel_group()

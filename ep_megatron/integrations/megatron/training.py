@@ -37,11 +37,12 @@ class MegatronEP:
     rebalancer: Rebalancer | None  # None without a RebalanceConfig
 
     def after_step(self) -> RebalanceMetrics | None:
-        """Once per training step on every rank, after ``optimizer.step()``: drain the step's routed load
-        and, at a due step, re-plan and migrate (every stage its own layers; the same step counter)."""
-        load = self.moe.take_loads()
+        """Once per training step on every rank, after ``optimizer.step()``: with a rebalancer, drain the
+        step's routed load and, at a due step, re-plan and migrate (every stage its own layers; the same
+        step counter). Without one it does nothing."""
         if self.rebalancer is None:
             return None
+        load = self.moe.take_loads()
         for param in self.moe.expert_params():
             # FP32Optimizer aliases .grad to main_grad; Megatron zeroes both before the next backward.
             param.grad = None
