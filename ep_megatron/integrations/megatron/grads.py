@@ -48,8 +48,8 @@ class ReplicaGradSync:
         self.moe = moe
         self.calls = 0
         self.exact_after_reduce = moe.groups.edp_size >= 3
-        # index plans of sync_layers per (layer, device), for the placement they were derived from
-        self._plans: tuple[ExpertPlacement, dict[tuple[int, torch.device], Any]] | None = None
+        # per placement: sync_layers' index plans per (layer, device), owner masks [L, S] per device
+        self._cached: tuple[ExpertPlacement, dict[Any, Any]] | None = None
         layer_of = {id(p): layer for layer in moe.layers for p in moe.layer_expert_params(layer)}
         covered: set[int] = set()
         for chunk in chunks:
@@ -75,17 +75,21 @@ class ReplicaGradSync:
         return [LayerGrads([p.main_grad for p in params], placement, layer.layer_idx)
                 for layer, params in by_layer if int(placement.replica_count[layer.layer_idx].max()) > 1]
 
-    def _sync(self, items: list[LayerGrads]) -> None:
-        """Replica sum of ``items`` over EP (no EDP reduction, scale 1), index plans cached per placement."""
+    def _cache(self) -> dict[Any, Any]:
+        """Device-side tensors derived from the active placement (no host-to-device copy per step)."""
         placement = self.moe.placement
-        if self._plans is None or self._plans[0] is not placement:
-            self._plans = (placement, {})
-        cache = self._plans[1]
+        if self._cached is None or self._cached[0] is not placement:
+            self._cached = (placement, {})
+        return self._cached[1]
+
+    def _sync(self, items: list[LayerGrads]) -> None:
+        """Replica sum of ``items`` over EP (no EDP reduction, scale 1)."""
+        cache = self._cache()
         for item in items:
-            key = (item.layer_idx, item.grads[0].device)
+            key = ("plan", item.layer_idx, item.grads[0].device)
             if key not in cache:
                 cache[key] = layer_plans([item], self.moe.groups.ep_rank)[0]
-        plans = [cache[(item.layer_idx, item.grads[0].device)] for item in items]
+        plans = [cache[("plan", item.layer_idx, item.grads[0].device)] for item in items]
         sync_layers(items, self.moe.groups, 1.0, reduce_edp=False, plans=plans)
 
     def _wrap(self, bucket_group: Any, by_layer: list[tuple[Any, list[nn.Parameter]]]) -> None:
@@ -118,9 +122,12 @@ class ReplicaGradSync:
     @torch.no_grad()
     def _owners_to_replicas(self, items: list[LayerGrads]) -> None:
         """Every replica's rows become its owner's (reduced) rows, bit for bit."""
-        owner_mask = self.moe.owner_mask()  # [L, S]
+        cache = self._cache()
         for item in items:
             for grad in item.grads:
-                owner = owner_mask[item.layer_idx].to(grad.device).view(-1, *([1] * (grad.dim() - 1)))
+                key = ("owner", grad.device)
+                if key not in cache:
+                    cache[key] = self.moe.owner_mask().to(grad.device)  # [L, S]
+                owner = cache[key][item.layer_idx].view(-1, *([1] * (grad.dim() - 1)))
                 grad.masked_fill_(~owner, 0)
         self._sync(items)
