@@ -32,9 +32,12 @@ class MegatronRun:
     """One training run, identical on every rank.
 
     ``layer``: ``"megatron"`` (Megatron's own MoE layer) or ``"ours"`` (``get_gpt_layer_spec_with_ep_moe``
-    with ``ep_options``). ``global_batch`` sequences of ``seq_length`` tokens per step are split evenly over
-    the data-parallel ranks and then into ``micro_batches``, so runs at different TP / PP sizes see the
-    same global batch. ``seed`` seeds Megatron's RNG (the initial weights) and draws the tokens.
+    with ``ep_options``, wired with ``attach``; ``eplb_interval > 0`` rebalances every that many steps).
+    ``global_batch`` sequences of ``seq_length`` tokens per step are split evenly over the data-parallel
+    ranks and then into ``micro_batches``, so runs at different TP / PP sizes see the same global batch.
+    ``seed`` seeds Megatron's RNG (the initial weights) and draws the tokens. ``padding`` passes a
+    ``padding_mask`` (the last quarter of every other sequence) to the model; ``expert_bias_rate > 0``
+    turns on Megatron's aux-loss-free expert bias (needs ``score_function="sigmoid"``).
     """
 
     layer: str = "megatron"
@@ -52,7 +55,15 @@ class MegatronRun:
     global_batch: int = 8
     seq_length: int = 16
     aux_loss_coeff: float = 0.0
+    load_balancing: str = "aux_loss"  # with aux_loss_coeff > 0: "aux_loss" or "seq_aux_loss"
+    z_loss_coeff: float = 0.0
+    score_function: str = "softmax"
+    expert_bias_rate: float = 0.0  # > 0: moe_router_enable_expert_bias with this update rate
+    padding: bool = False
+    per_token_loss: bool = False  # Megatron's calculate_per_token_loss (aux losses scaled by local tokens)
+    eplb_interval: int = 0  # ours only: rebalance every this many steps (0: never)
     lr: float = 3e-3
+    lr_decay_steps: int = 20  # cosine decay horizon, independent of ``steps`` (runs of any length agree)
     clip_grad: float = 1.0  # 0 turns clipping off
     seed: int = 1234
 
@@ -98,14 +109,19 @@ def transformer_config(run: MegatronRun) -> Any:
     return TransformerConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, moe_ffn_hidden_size=64,
         num_moe_experts=run.num_experts, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False, moe_router_load_balancing_type="aux_loss" if run.aux_loss_coeff else "none",
-        moe_aux_loss_coeff=run.aux_loss_coeff, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        moe_grouped_gemm=False, moe_aux_loss_coeff=run.aux_loss_coeff,
+        moe_router_load_balancing_type=run.load_balancing if run.aux_loss_coeff else "none",
+        moe_z_loss_coeff=run.z_loss_coeff or None, moe_router_score_function=run.score_function,
+        moe_router_enable_expert_bias=run.expert_bias_rate > 0,
+        moe_router_bias_update_rate=run.expert_bias_rate or 1e-3, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
+        attention_dropout=0.0,
         use_cpu_initialization=True, init_method_std=0.02, bias_dropout_fusion=False,
         gradient_accumulation_fusion=False, tensor_model_parallel_size=run.tp,
         pipeline_model_parallel_size=run.pp, sequence_parallel=run.sequence_parallel,
         expert_model_parallel_size=run.ep, expert_tensor_parallel_size=1,
         bf16=run.precision == "bf16", params_dtype=dtype, pipeline_dtype=dtype,
+        calculate_per_token_loss=run.per_token_loss,
     )
 
 
@@ -161,7 +177,7 @@ def build_optimizer(run: MegatronRun, chunks: list[Any]) -> tuple[Any, Any]:
         use_distributed_optimizer=run.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
-    samples = run.steps * run.global_batch
+    samples = run.lr_decay_steps * run.global_batch
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=run.lr, max_lr=run.lr, min_lr=run.lr / 10, lr_warmup_steps=0,
         lr_decay_steps=samples, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=samples,
@@ -260,8 +276,12 @@ def micro_batches(run: MegatronRun, step: int) -> list[dict[str, torch.Tensor]]:
     mbs, seq = per_rank // run.micro_batches, run.seq_length
     mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
     positions = torch.arange(seq).unsqueeze(0).expand(mbs, seq)
+    padding = torch.zeros(per_rank, seq, dtype=torch.bool)
+    padding[::2, seq - seq // 4:] = True  # [b, s], True = padding (Megatron's convention)
     return [{"tokens": tokens[i * mbs:(i + 1) * mbs], "labels": labels[i * mbs:(i + 1) * mbs],
-             "attention_mask": mask, "position_ids": positions} for i in range(run.micro_batches)]
+             "attention_mask": mask, "position_ids": positions,
+             **({"padding_mask": padding[i * mbs:(i + 1) * mbs]} if run.padding else {})}
+            for i in range(run.micro_batches)]
 
 
 def _loss_func(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -273,7 +293,8 @@ def _loss_func(output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[s
 
 def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: Any) -> tuple[Any, Callable]:
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                   padding_mask=batch.get("padding_mask"))
     return output, _loss_func
 
 
@@ -300,15 +321,17 @@ def configure_step(run: MegatronRun, config: Any, chunks: list[Any], optimizer: 
         config.grad_sync_func = chunks[0].start_grad_sync
 
 
-def train(run: MegatronRun, config: Any, chunks: list[Any], optimizer: Any,
-          scheduler: Any) -> dict[str, list]:
-    """``run.steps`` Megatron-LM ``train_step``s; ``{"losses": [...], "grad_norms": [...]}`` per step."""
+def train(run: MegatronRun, config: Any, chunks: list[Any], optimizer: Any, scheduler: Any,
+          ep: Any = None) -> dict[str, list]:
+    """``run.steps`` Megatron-LM ``train_step``s (``ep.after_step()`` after each optimizer step, when
+    given); ``{"losses": [...], "grad_norms": [...], "slots_moved": [...]}`` per step (slots moved by a
+    rebalance at that step, 0 otherwise)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     configure_step(run, config, chunks, optimizer)
     forward_backward = get_forward_backward_func()
     per_rank = run.global_batch // _dp_size()
-    losses, grad_norms = [], []
+    losses, grad_norms, slots_moved = [], [], []
     for step in range(run.steps):
         for chunk in chunks:
             chunk.zero_grad_buffer()
@@ -323,9 +346,11 @@ def train(run: MegatronRun, config: Any, chunks: list[Any], optimizer: Any,
         if not update_successful:
             raise RuntimeError(f"step {step}: Megatron's optimizer skipped the update")
         scheduler.step(increment=run.global_batch)
+        metrics = ep.after_step() if ep is not None else None
+        slots_moved.append(metrics.slots_moved if metrics is not None else 0)
         losses.append(_step_loss(losses_reduced))
         grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
-    return {"losses": losses, "grad_norms": grad_norms}
+    return {"losses": losses, "grad_norms": grad_norms, "slots_moved": slots_moved}
 
 
 def _dp_size() -> int:
@@ -334,12 +359,62 @@ def _dp_size() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
-def build_and_train(run: MegatronRun, model: Any) -> dict[str, list]:
-    """Wrap an unwrapped ``model``, build its optimizer and train it for ``run.steps`` steps."""
+def build_and_train(run: MegatronRun, model: Any) -> dict[str, Any]:
+    """Wrap an unwrapped ``model``, build its optimizer (ours: ``attach``) and train ``run.steps`` steps.
+
+    Both report ``expert_bias`` (state-dict key -> values, when enabled); ours also reports
+    ``replica_mismatch`` (:func:`replica_mismatch`), ``placement`` (the final
+    ``physical_to_logical`` of this rank's stage) and ``replica_syncs`` (replica sums run before a
+    reduction)."""
     config = model.config
     chunks = [wrap_model(run, config, model)]
     optimizer, scheduler = build_optimizer(run, chunks)
-    return train(run, config, chunks, optimizer, scheduler)
+    ep = attach_ours(run, chunks, optimizer) if run.layer == "ours" else None
+    result: dict[str, Any] = train(run, config, chunks, optimizer, scheduler, ep)
+    result["optimizers"] = sorted({type(inner).__name__ for inner in optimizer.chained_optimizers})
+    result["expert_bias"] = {key: value.tolist() for key, value in model.state_dict().items()
+                             if key.endswith("router.expert_bias")}
+    if ep is not None:
+        result.update(replica_mismatch=replica_mismatch(ep), replica_syncs=ep.grad_sync.calls,
+                      placement=ep.moe.placement.physical_to_logical.tolist())
+    return result
+
+
+def attach_ours(run: MegatronRun, chunks: list[Any], optimizer: Any) -> Any:
+    """``ep_megatron.integrations.megatron.attach`` with a rebalancer when ``run.eplb_interval > 0``."""
+    from ep_megatron.integrations.megatron import attach
+    from ep_megatron.services.rebalance import RebalanceConfig
+
+    interval = run.eplb_interval
+    rebalance = RebalanceConfig(interval=interval, window=interval) if interval else None
+    return attach(chunks, optimizer, rebalance)
+
+
+def replica_mismatch(ep: Any) -> float:
+    """Largest difference between two copies of one logical expert's row anywhere in the stage: the model
+    parameters, fp32 main parameters and optimizer state (full rows, gathered from a distributed
+    optimizer) of every replica and every expert-data-parallel copy. 0.0 when all are bit-identical."""
+    moe = ep.moe
+    group = moe.groups.dp_group
+    size = dist.get_world_size(group)
+    worst = 0.0
+    for layer in moe.layers:
+        ids = moe.local_logical_ids()[layer.layer_idx]  # [S]
+        all_ids = [torch.empty_like(ids) for _ in range(size)]
+        dist.all_gather(all_ids, ids, group=group)
+        all_ids = torch.cat(all_ids)  # [size * S]
+        for param in moe.layer_expert_params(layer):
+            tensors = ep.rows.gather([param])
+            ep.rows.commit([param], tensors)
+            for tensor in tensors:
+                local = tensor.detach().float().contiguous()
+                gathered = [torch.empty_like(local) for _ in range(size)]
+                dist.all_gather(gathered, local, group=group)
+                rows = torch.cat(gathered)  # [size * S, ...]
+                for logical_id in all_ids.unique().tolist():
+                    copies = rows[all_ids == logical_id]
+                    worst = max(worst, float((copies - copies[0]).abs().max()))
+    return worst
 
 
 def expert_weights(model: Any) -> dict[str, np.ndarray]:
@@ -348,14 +423,38 @@ def expert_weights(model: Any) -> dict[str, np.ndarray]:
             if "experts" in key and torch.is_tensor(tensor)}
 
 
+def eval_batch(run: MegatronRun) -> dict[str, torch.Tensor]:
+    """The first two sequences of step 0, the same on every rank (for logits compared across layouts)."""
+    tokens, _ = _global_batch(run, 0)
+    seq = run.seq_length
+    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1).view(1, 1, seq, seq)
+    return {"tokens": tokens[:2], "position_ids": torch.arange(seq).unsqueeze(0).expand(2, seq),
+            "attention_mask": mask}
+
+
 @torch.no_grad()
-def logits(run: MegatronRun, model: Any) -> np.ndarray:
-    """``[mbs, seq, vocab]`` eval-mode logits of this rank's first micro-batch of step 0 (last stage)."""
-    batch = micro_batches(run, 0)[0]
+def logits(run: MegatronRun, model: Any) -> np.ndarray | None:
+    """``[2, seq, vocab]`` eval-mode logits of :func:`eval_batch` on the last pipeline stage (None on the
+    others); with ``run.pp > 1`` through Megatron's pipeline schedule (``forward_only``)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch = eval_batch(run)
     model.eval()
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    if run.pp == 1:
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    else:
+        def forward_step(data_iterator: Iterator[dict], chunk: Any) -> tuple[Any, Callable]:
+            data = next(data_iterator)
+            out = chunk(data["tokens"], data["position_ids"], data["attention_mask"])
+            return out, lambda tensor, non_loss_data=False: tensor
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,
+            seq_length=run.seq_length, micro_batch_size=2, forward_only=True, collect_non_loss_data=True)
+        output = outputs[0] if parallel_state.is_pipeline_last_stage() else None
     model.train()
-    return output.float().numpy().copy()
+    return output.float().numpy().copy() if output is not None else None
 
 
 def save_checkpoint(model: Any, directory: str) -> None:

@@ -46,6 +46,11 @@ ORDER = [
     "ep_megatron.services.checkpoint",
     # integrations
     "ep_megatron.integrations",
+    "ep_megatron.integrations.megatron.config",
+    "ep_megatron.integrations.megatron.layer",
+    "ep_megatron.integrations.megatron.grads",
+    "ep_megatron.integrations.megatron.optimizer",
+    "ep_megatron.integrations.megatron.training",
     "ep_megatron.integrations.megatron",
     "ep_megatron.integrations.deepspeed",
     "ep_megatron.integrations.hf.families",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -64,11 +65,31 @@ def test_config_lists_every_unsupported_field_in_one_error():
         moe_config_from_megatron(_tc(), no_such_option=1)
 
 
+def test_dispatchers_and_parallel_layouts_we_cannot_run_are_rejected_by_name():
+    """DeepEP / flex dispatchers; TP > 1 without sequence parallelism; expert-TP > 1 (Megatron's default
+    at TP > 1). TP with SP and expert-TP 1, CP and PP are accepted."""
+    from ep_megatron.integrations.megatron import moe_config_from_megatron
+
+    cases = {
+        "moe_token_dispatcher_type='flex'": _tc(moe_token_dispatcher_type="flex"),
+        "moe_enable_deepep=True": _tc(moe_token_dispatcher_type="flex", moe_enable_deepep=True),
+        "sequence_parallel=False with tensor_model_parallel_size=2": _tc(tensor_model_parallel_size=2,
+                                                                         expert_tensor_parallel_size=1),
+        "expert_tensor_parallel_size=2": _tc(tensor_model_parallel_size=2, sequence_parallel=True),
+    }
+    for name, tc in cases.items():
+        with pytest.raises(ValueError, match=name.replace("(", r"\(")):
+            moe_config_from_megatron(tc)
+    for ok in (_tc(tensor_model_parallel_size=2, sequence_parallel=True, expert_tensor_parallel_size=1),
+               _tc(context_parallel_size=2, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)):
+        moe_config_from_megatron(ok)
+
+
 def test_every_megatron_moe_field_is_classified():
     """A Megatron moe_* field we neither map nor ignore on purpose is reported when set."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from ep_megatron.integrations import megatron as glue
+    from ep_megatron.integrations.megatron import config as glue
 
     handled = set(glue._DIRECT_FIELDS) | set(glue._CONVERTED_FIELDS) | set(glue._IMPLEMENTATION_FIELDS)
     moe_fields = {f.name for f in dataclasses.fields(TransformerConfig) if f.name.startswith("moe_")}
@@ -80,8 +101,9 @@ def test_every_megatron_moe_field_is_classified():
 def _save_and_load_in_memory(to_save: dict, to_load: dict) -> dict:
     """Megatron ``dist_checkpointing.save`` then ``load`` without the files: Megatron's own preprocessing,
     sharding-integrity validation (main replicas cover every global tensor exactly once) and factory
-    merges, with the main-replica chunks exchanged by ``all_gather_object`` instead of written (the
-    torch_dist writer of megatron-core 0.16 needs CUDA)."""
+    merges, with the main-replica chunks exchanged by ``all_gather_object`` instead of written (fast; the
+    files themselves are written and read in ``test_megatron_step.py`` through the shim's in-process
+    writer)."""
     import torch.distributed as dist
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factory_merges, is_main_replica
@@ -167,7 +189,12 @@ def test_spec_groups_and_dist_checkpoint_round_trip():
 def test_argparse_extension():
     import argparse
 
-    from ep_megatron.integrations.megatron import add_ep_megatron_args, ep_options_from_args
+    from ep_megatron.integrations.megatron import (
+        add_ep_megatron_args,
+        ep_options_from_args,
+        rebalance_config_from_args,
+    )
+    from ep_megatron.services.rebalance import RebalanceConfig
 
     args = add_ep_megatron_args(argparse.ArgumentParser()).parse_args(
         ["--expert-sharding-strategy", "dynamic", "--num-redundant-experts", "4", "--eplb-interval", "50",
@@ -175,3 +202,29 @@ def test_argparse_extension():
     assert ep_options_from_args(args) == {"sharding_strategy": "dynamic", "num_redundant_experts": 4,
                                           "replicated_experts": (), "prefer_local_replica": True}
     assert (args.eplb_interval, args.eplb_window) == (50, 20)
+    assert rebalance_config_from_args(args) == RebalanceConfig(interval=50, window=20)
+    no_eplb = add_ep_megatron_args(argparse.ArgumentParser()).parse_args([])
+    assert rebalance_config_from_args(no_eplb) is None
+
+
+def test_megatron_lm_spec_attribute_reads_megatron_lm_args(monkeypatch):
+    """``--spec ep_megatron.integrations.megatron ep_moe_layer_spec``: Megatron-LM's ``--spec`` reads a module
+    attribute (it does not call it); ours is built from ``megatron.training.get_args()``. Megatron-LM is not
+    installed here, so its argument registry is stood in for by a module holding the parsed flags."""
+    import argparse
+    import types
+
+    from ep_megatron.integrations import megatron as glue
+    from ep_megatron.integrations.megatron import MegatronEPMoELayer, add_ep_megatron_args
+
+    args = add_ep_megatron_args(argparse.ArgumentParser()).parse_args(
+        ["--expert-sharding-strategy", "hybrid", "--replicated-experts", "0", "1"])
+    args.normalization, args.qk_layernorm = "RMSNorm", False
+    monkeypatch.setitem(sys.modules, "megatron.training", types.SimpleNamespace(get_args=lambda: args))
+    spec = glue.ep_moe_layer_spec
+    assert spec.submodules.mlp.module is MegatronEPMoELayer
+    assert spec.submodules.mlp.params == {"sharding_strategy": "hybrid", "num_redundant_experts": 0,
+                                          "replicated_experts": (0, 1), "prefer_local_replica": True}
+    assert spec.submodules.sharded_state_dict_keys_map  # Megatron's norm names, for its checkpoints
+    with pytest.raises(AttributeError):
+        glue.no_such_attribute  # noqa: B018

@@ -60,15 +60,18 @@ class MoELayer(nn.Module):
     """An expert-parallel MoE MLP; ``layer_idx`` is this layer's row of ``placement``.
 
     A model's MoE layers share one placement, owned by :class:`~ep_megatron.layer.moe_layers.MoELayers`,
-    which alone switches it (after the rows were migrated).
+    which alone switches it (after the rows were migrated). ``router_cls`` is the router built for every
+    layer (a framework integration may subclass :class:`TopKRouter`, e.g. for its own aux-loss scaling).
     """
+
+    router_cls: type[TopKRouter] = TopKRouter
 
     def __init__(self, config: MoEConfig, placement: ExpertPlacement, groups: ParallelGroups,
                  layer_idx: int = 0) -> None:
         super().__init__()
         _check_placement(config, placement, groups, layer_idx)
         self.config, self.placement, self.groups, self.layer_idx = config, placement, groups, layer_idx
-        self.router = TopKRouter(config)
+        self.router = self.router_cls(config)
         self.experts = GroupedExperts(config, placement.slots_per_rank,
                                       group_name=f"ep_size_{groups.ep_size}")
         self.shared_experts = SharedExpertMLP(config) if config.shared_expert_ffn_size else None

@@ -221,17 +221,23 @@ def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: Par
     )
 
 
+def layer_plans(layers: Sequence[LayerGrads], ep_rank: int) -> list[_LayerPlan]:
+    """The index plans :func:`sync_layers` derives from each layer's placement row (small index tensors
+    copied to the grads' device); valid while the placement, ``layer_idx`` and device stay the same."""
+    return [_layer_plan(item.placement, item.layer_idx, ep_rank, item.grads[0].device) for item in layers]
+
+
 def sync_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_scale: float,
-                reduce_edp: bool = True) -> SyncStats:
+                reduce_edp: bool = True, plans: Sequence[_LayerPlan] | None = None) -> SyncStats:
     """Sync the expert gradients of several layers in place with one pair of EP collectives.
 
     Every rank must call this with the same placements and layer order. ``reduce_edp=False`` sums over
     replicas only (for a framework that reduces expert grads over the EDP group itself, e.g. DeepSpeed).
+    ``plans`` (from :func:`layer_plans` for the same layers) skips re-deriving them.
     """
     _check_layers(layers, groups, grad_scale)
-    plans = [
-        _layer_plan(item.placement, item.layer_idx, groups.ep_rank, item.grads[0].device) for item in layers
-    ]
+    if plans is None:
+        plans = layer_plans(layers, groups.ep_rank)
     return _sync(layers, plans, groups, grad_scale, reduce_edp)
 
 
