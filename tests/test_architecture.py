@@ -22,6 +22,7 @@ ORDER = [
     "ep_megatron.placement.eplb",
     "ep_megatron.placement",
     "ep_megatron.config",
+    "ep_megatron.mixed_precision",
     # communication + gradient sync
     "ep_megatron.parallel.groups",
     "ep_megatron.parallel",
