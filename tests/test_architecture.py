@@ -56,6 +56,7 @@ ORDER = [
     "ep_megatron.trainer.step",
     "ep_megatron.trainer.report",
     "ep_megatron.trainer.config",
+    "ep_megatron.trainer.memory",
     "ep_megatron.trainer.loop",
     "ep_megatron.trainer.ckpt_cli",
     "ep_megatron.trainer.cli",
