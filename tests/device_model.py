@@ -98,6 +98,25 @@ class HostDeviceModel(TorchFunctionMode):
         super().__init__()
         self.syncs: list[str] = []
         self.mixed: list[str] = []
+        self._parameter_new: Any = None
+
+    def __enter__(self) -> HostDeviceModel:
+        # nn.Parameter(data) bypasses torch functions: the parameter takes its data's tag
+        original = self._parameter_new = nn.Parameter.__new__
+
+        def parameter_new(cls: type, data: Tensor | None = None, requires_grad: bool = True) -> Any:
+            param = original(cls, data, requires_grad)
+            if isinstance(data, Tensor):
+                _tag(param, is_host(data))
+            return param
+
+        nn.Parameter.__new__ = parameter_new  # type: ignore[method-assign]
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        nn.Parameter.__new__ = self._parameter_new  # type: ignore[method-assign]
 
     def _sync(self, what: str) -> None:
         self.syncs.append(f"{what} at {_where()}")

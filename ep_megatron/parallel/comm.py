@@ -108,12 +108,14 @@ class Pending:
 
 def all_to_all(rows: Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
                group: dist.ProcessGroup | None, what: str = "all_to_all",
-               pending: Pending | None = None) -> Tensor:
+               pending: Pending | None = None, out: Tensor | None = None) -> Tensor:
     """``rows [sum(send_splits), *row] -> [sum(recv_splits), *row]`` over ``group`` (no autograd).
 
     ``send_splits[r]`` rows go to rank ``r`` of ``group``, ``recv_splits[r]`` rows arrive from it, in
     rank order. Collective over ``group``; every rank must call it with matching splits. With ``pending``
     the transfer is started asynchronously and the output may be read only after ``pending.wait()``.
+    ``out`` (contiguous, ``[sum(recv_splits), *row]``, ``rows``' dtype) receives the rows instead of a new
+    tensor.
     """
     if len(send_splits) != len(recv_splits):
         raise ValueError(f"{what}: send_splits has {len(send_splits)} entries, recv_splits "
@@ -122,7 +124,12 @@ def all_to_all(rows: Tensor, send_splits: Sequence[int], recv_splits: Sequence[i
         raise ValueError(f"{what}: rows.shape[0]={rows.shape[0]} must equal sum(send_splits)="
                          f"{sum(send_splits)}")
     check_device(rows, group, what)
-    out = rows.new_empty((sum(recv_splits), *rows.shape[1:]))
+    shape = (sum(recv_splits), *rows.shape[1:])
+    if out is None:
+        out = rows.new_empty(shape)
+    elif tuple(out.shape) != shape or out.dtype != rows.dtype or not out.is_contiguous():
+        raise ValueError(f"{what}: out must be a contiguous {rows.dtype} tensor of shape {shape}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     work = dist.all_to_all_single(out, rows.contiguous(), list(recv_splits), list(send_splits), group=group,
                                   async_op=pending is not None)
     if pending is not None:

@@ -16,8 +16,9 @@ and in place in each expert parameter's gradient ``[local_slots, ...]``:
    overwrites its lead row and then its other local copies with the same bytes.
 
 Splits follow from the placement alone (no counts are exchanged), and a phase in which no rank sends
-anything is skipped. Memory: at most one parameter's sent and received rows, or its owned rows, on top
-of the gradients - less than one layer's expert gradients; nothing for ``model`` at EDP 1.
+anything is skipped. Memory: one parameter's sent and received rows (both phases share these two
+buffers), or its owned rows, on top of the gradients - less than one layer's expert gradients; nothing
+for ``model`` (and only an in-place all-reduce with EDP).
 
 :class:`ExpertGradSync` can run the sync of each layer from backward hooks, as soon as that layer's
 expert gradients are complete (:meth:`ExpertGradSync.arm` before the last backward of a step), on a side
@@ -161,19 +162,20 @@ def _ring_bytes(numel: int, element_size: int, size: int) -> int:
 
 def _sync_tensor(grad: Tensor, plan: _LayerPlan, groups: ParallelGroups, grad_scale: float,
                  reduce_edp: bool, has_traffic: bool) -> None:
-    """Steps 1-5 for one gradient ``[local_slots, ...]``, in place."""
+    """Steps 1-5 for one gradient ``[local_slots, ...]``, in place. The two all-to-alls share their two
+    buffers (phase 2 sends from phase 1's receive buffer and receives into its send buffer)."""
     ep_rank, ep_group = groups.ep_rank, groups.ep_group
     for slots, leads in plan.copies:  # 1. local replicas into their lead slot, ascending
         grad.index_add_(0, leads, grad.index_select(0, slots))
+    sent = received = None
     if has_traffic:  # 2. + 3. partial sums to the owner, added in source-rank order
-        received = all_to_all(grad.index_select(0, plan.send_slots), plan.send_splits, plan.recv_splits,
-                              ep_group, "replica grad sync")
+        sent = grad.index_select(0, plan.send_slots)
+        received = all_to_all(sent, plan.send_splits, plan.recv_splits, ep_group, "replica grad sync")
         start = 0
         for q, count in enumerate(plan.recv_splits):
             if q != ep_rank and count:
                 grad.index_add_(0, plan.recv_slots[q], received[start : start + count])
             start += count
-        del received  # freed before phase 2 allocates
     edp = reduce_edp and groups.edp_size > 1  # 4. EDP sum and scale of the owned rows
     if edp and not plan.all_owned:
         owned = grad.index_select(0, plan.owned_slots)
@@ -187,11 +189,10 @@ def _sync_tensor(grad: Tensor, plan: _LayerPlan, groups: ParallelGroups, grad_sc
             all_reduce(grad, groups.edp_group, "expert-data-parallel grad sum")
         if grad_scale != 1.0:
             grad.mul_(grad_scale)
-    if has_traffic:  # 5. the result back to every holder, then to its local copies
-        back = all_to_all(grad.index_select(0, plan.recv_all), plan.recv_splits, plan.send_splits, ep_group,
-                          "replica grad sync")
-        grad.index_copy_(0, plan.send_slots, back)
-        del back
+    if sent is not None and received is not None:  # 5. the result back to every holder, then its copies
+        torch.index_select(grad, 0, plan.recv_all, out=received)
+        all_to_all(received, plan.recv_splits, plan.send_splits, ep_group, "replica grad sync", out=sent)
+        grad.index_copy_(0, plan.send_slots, sent)
     for slots, leads in plan.copies:
         grad.index_copy_(0, slots, grad.index_select(0, leads))
 
