@@ -56,6 +56,8 @@ class MixedPrecisionOptimizer:
             masters = [self._new_master(param) for param in group["params"]]
             inner_groups.append({**group, "params": masters})
         self.optimizer = make_optimizer(inner_groups)
+        for group, inner in zip(self.param_groups, self.optimizer.param_groups):  # with the defaults
+            group.update({key: value for key, value in inner.items() if key != "params"})
 
     def _new_master(self, param: Tensor) -> Tensor:
         if not param.dtype.is_floating_point:

@@ -235,3 +235,49 @@ def test_two_rank_bf16_job_device_discipline_and_rebalanced_losses(tmp_path: Pat
     rebalanced, static = result["rebalanced"], result["static"]
     assert static[-1] < 0.9 * static[0], "the run must train"
     assert abs(rebalanced[-1] - static[-1]) <= 0.02 * static[-1], (rebalanced[-3:], static[-3:])
+
+
+def test_a_bf16_run_resumes_exactly_from_its_checkpoint(tmp_path: Path) -> None:
+    """Masters, moments and hyperparameters of the mixed-precision optimizer survive a checkpoint: two
+    steps, save, load into a fresh model, and the next step gives identical bf16 parameters."""
+    from ep_megatron.config import MoEConfig
+    from ep_megatron.layer import MoELayer
+    from ep_megatron.layer.moe_layers import MoELayers
+    from ep_megatron.mixed_precision import MixedPrecisionOptimizer, to_low_precision
+    from ep_megatron.parallel import ParallelGroups
+    from ep_megatron.parallel.grad_sync import ExpertGradSync
+    from ep_megatron.services.checkpoint import load_checkpoint, save_checkpoint
+    from ep_megatron.trainer.model import GPTConfig, MoEGPT
+    from ep_megatron.trainer.step import forward_backward, optimizer_step
+
+    moe_cfg = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=2,
+                        sharding_strategy="dynamic", num_redundant_experts=2)
+    gpt = GPTConfig(vocab_size=30, max_seq_len=8, hidden_size=16, num_layers=2, num_heads=2,
+                    ffn_hidden_size=32)
+    tokens = torch.randint(0, 30, (2, 9), generator=torch.Generator().manual_seed(0))
+    micro = [(tokens[:, :-1], tokens[:, 1:])]
+
+    def build() -> tuple[Any, Any, Any]:
+        placement = moe_cfg.placement(2, 1)
+        groups = ParallelGroups.single()
+        model = to_low_precision(MoEGPT(gpt, lambda i: MoELayer(moe_cfg, placement, groups, i)))
+        moe = MoELayers(model)
+        optimizer = MixedPrecisionOptimizer(moe.param_groups(0.1), lambda g: torch.optim.AdamW(g, lr=1e-2))
+        return moe, optimizer, ExpertGradSync(moe)
+
+    def step(moe: Any, optimizer: Any, sync: Any) -> None:
+        forward_backward(moe, micro, lambda i, t: moe.model(i, t)[0], lambda loss: loss.backward(), sync)
+        optimizer_step(moe, optimizer, sync, max_norm=1.0)
+
+    moe, optimizer, sync = build()
+    for _ in range(2):
+        step(moe, optimizer, sync)
+    save_checkpoint(tmp_path, 2, moe, optimizer)
+    resumed, resumed_optimizer, resumed_sync = build()
+    load_checkpoint(tmp_path, resumed, resumed_optimizer)
+    step(moe, optimizer, sync)
+    step(resumed, resumed_optimizer, resumed_sync)
+    for (name, a), b in zip(moe.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(moe.expert_params(), resumed.expert_params()):
+        assert a.dtype == torch.bfloat16 and torch.equal(optimizer.master(a), resumed_optimizer.master(b))

@@ -300,6 +300,8 @@ def _write_run_info(run: _Run, config_path: str) -> None:
     info = {
         "config": str(config_path),
         "world_size": run.groups.world_size,
+        "device": str(run.device),
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else "none",
         "expert_parallel_size": run.groups.ep_size,
         "sharding_strategy": run.moe.config.sharding_strategy,
         "corpus": run.config.data.source,
