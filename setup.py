@@ -17,7 +17,7 @@ setup(
     python_requires=">=3.10",
     # A range, never a pin: a user's own CUDA build of torch must be kept, not replaced.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # group_src= in torch.distributed collectives
         "deepspeed>=0.19,<0.20",
         "megatron-core>=0.16,<0.17",
         "numpy",
