@@ -22,6 +22,7 @@ ORDER = [
     "ep_megatron.placement.eplb",
     "ep_megatron.placement",
     "ep_megatron.config",
+    "ep_megatron.mixed_precision",
     # communication + gradient sync
     "ep_megatron.parallel.groups",
     "ep_megatron.parallel",
@@ -66,6 +67,7 @@ ORDER = [
     "ep_megatron.trainer.step",
     "ep_megatron.trainer.report",
     "ep_megatron.trainer.config",
+    "ep_megatron.trainer.memory",
     "ep_megatron.trainer.loop",
     "ep_megatron.trainer.hf_export",
     "ep_megatron.trainer.ckpt_cli",

@@ -327,25 +327,62 @@ def test_init_is_by_logical_id_whatever_the_placement() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_gemm_equals_per_slot_loop(dtype: torch.dtype) -> None:
-    """The ``torch._grouped_mm`` path (aligned widths, zero-padded rows) equals the per-slot loop,
+    """The ``torch._grouped_mm`` path (aligned widths, rows as they are) equals the per-slot loop,
     forward and backward, with empty slots and row counts that are not a multiple of 16."""
-    from ep_megatron.layer.experts import GroupedExperts, _grouped_mm_usable
+    from ep_megatron.layer.experts import GroupedExperts, grouped_mm_supported
 
     cfg = MoEConfig(hidden_size=16, ffn_hidden_size=16, num_experts=4, top_k=2)
     experts = GroupedExperts(cfg, 4, group_name="ep_size_1").to(dtype)
     with torch.no_grad():
         for p in experts.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
-    if not _grouped_mm_usable(torch.zeros(1, 16, dtype=dtype), (32, 16, 16)):
-        pytest.skip("torch._grouped_mm not available in this build")
+    if not grouped_mm_supported(torch.zeros(1, 16, dtype=dtype), (experts.fc1_weight, experts.fc2_weight)):
+        pytest.skip(f"torch._grouped_mm has no CPU {dtype} kernel in torch {torch.__version__}")
     for counts in ([3, 0, 5, 2], [0, 0, 0, 0], [13, 0, 0, 4]):
         results = []
-        for path in (experts.grouped, experts.per_slot):
+        offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+        for path in (lambda r: experts.grouped(r, offsets), lambda r: experts.per_slot(r, counts)):  # noqa: B023
             experts.zero_grad(set_to_none=True)
             rows = torch.randn(sum(counts), 16, generator=torch.Generator().manual_seed(4)).to(dtype)
             rows.requires_grad_(True)
-            out = path(rows, counts)
+            out = path(rows)
             out.float().sum().backward()
             results.append((out.detach(), rows.grad, experts.fc1_weight.grad, experts.fc2_weight.grad))
         for got, expected in zip(*results):
             torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_grouped_gemm_gate_checks_version_device_and_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate follows the torch version and the device's compute capability, and needs one dtype for
+    rows and weights and 16-byte aligned widths."""
+    from ep_megatron.layer import experts as experts_module
+
+    rows, weights = torch.zeros(2, 16), (torch.zeros(2, 32, 16), torch.zeros(2, 16, 16))
+    supported = experts_module.grouped_mm_supported
+    monkeypatch.setattr(experts_module, "_torch_version", lambda: (2, 8))
+    assert not supported(rows, weights), "torch 2.8 has no CPU kernel"
+    monkeypatch.setattr(experts_module, "_torch_version", lambda: (2, 9))
+    assert supported(rows, weights) == hasattr(torch, "_grouped_mm")
+    assert not supported(rows.double(), tuple(w.double() for w in weights)), "fp64 has no kernel"
+    assert not supported(rows.bfloat16(), weights), "rows and weights must share a dtype"
+    assert not supported(rows[:, :6], (weights[0][:, :, :6], weights[1])), "6 fp32 columns are not aligned"
+
+    class FakeCuda(torch.Tensor):
+        is_cuda = True
+
+    def cuda_rows(dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(2, 16, dtype=dtype).as_subclass(FakeCuda)
+
+    def cuda_weights(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        return tuple(w.to(dtype).as_subclass(FakeCuda) for w in weights)
+
+    for version, capability, dtype, expected in [((2, 8), (9, 0), torch.bfloat16, True),
+                                                 ((2, 8), (10, 0), torch.bfloat16, False),
+                                                 ((2, 9), (10, 0), torch.bfloat16, True),
+                                                 ((2, 11), (8, 0), torch.bfloat16, False),
+                                                 ((2, 11), (9, 0), torch.float32, False),
+                                                 ((2, 7), (9, 0), torch.bfloat16, False)]:
+        monkeypatch.setattr(experts_module, "_torch_version", lambda v=version: v)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        got = supported(cuda_rows(dtype), cuda_weights(dtype))
+        assert got == (expected and hasattr(torch, "_grouped_mm")), (version, capability, dtype)

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ep_megatron.layer.moe_layers import MoELayers, ParamGroups
+from ep_megatron.parallel.comm import all_reduce
 from ep_megatron.parallel.grad_sync import clip_grad_norm_, sync_replica_grads
 from ep_megatron.parallel.groups import ParallelGroups
 from ep_megatron.services.migration import OptimizerRows
@@ -222,22 +223,41 @@ def _zero_partition_norm(optimizer: Any, moe: MoELayers) -> Tensor:
 
     Each rank holds one flat partition per parameter group (dense: over all ranks; experts: over the EDP
     group), so summing the squared partitions over all ranks counts every physical slot once; owner
-    weights per row then count every logical expert once.
+    weights per row then count every logical expert once. Computed on the gradients' device with no
+    host read (the per-row sums come from row-aligned views of the fragment, not a host ``arange``).
     """
-    owner_weight = moe.owner_mask().to(torch.float64)  # [L, S]: 1 for owner slots, 0 for other replicas
     layer_of = {id(p): layer.layer_idx for layer in moe.layers for p in moe.layer_expert_params(layer)}
-    total = torch.zeros((), dtype=torch.float64)
+    device = next((p.device for params in optimizer.params_in_partition for p in params), torch.device("cpu"))
+    owner_weight = moe.owner_mask().to(torch.float64).to(device)  # [L, S]: 1 for owner slots, else 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for i, params in enumerate(optimizer.params_in_partition):
         for j, (grad, param) in enumerate(zip(optimizer.averaged_gradients[i], params)):
-            sq = grad.detach().reshape(-1).to(torch.float64).pow(2)
-            if id(param) in layer_of:
-                row_numel = param.numel() // param.shape[0]
-                start = optimizer.first_offset[i] if j == 0 else 0
-                rows = (torch.arange(sq.numel()) + start) // row_numel
-                sq = sq * owner_weight[layer_of[id(param)]][rows]
-            total += sq.sum()
-    dist.all_reduce(total, group=dist.group.WORLD)
+            flat = grad.detach().reshape(-1)
+            if id(param) not in layer_of:
+                total += flat.to(torch.float64).square().sum()
+                continue
+            start = optimizer.first_offset[i] if j == 0 else 0
+            per_row = _fragment_row_sums(flat, start, param.numel() // param.shape[0])
+            weights = owner_weight[layer_of[id(param)]]
+            first_row = start // (param.numel() // param.shape[0])
+            total += (per_row * weights[first_row : first_row + per_row.numel()]).sum()
+    all_reduce(total, None, "ZeRO gradient norm")
     return total.sqrt().to(torch.float32)
+
+
+def _fragment_row_sums(flat: Tensor, start: int, row_numel: int) -> Tensor:
+    """Squared sums (float64) of a flat fragment of a ``[rows, row_numel]`` tensor that starts at element
+    ``start``, per row it touches: a partial first row, whole rows, a partial last row."""
+    head = min(flat.numel(), (-start) % row_numel)
+    body = (flat.numel() - head) // row_numel * row_numel
+    parts = []
+    if head:
+        parts.append(flat[:head].to(torch.float64).square().sum().view(1))
+    if body:
+        parts.append(flat[head : head + body].view(-1, row_numel).to(torch.float64).square().sum(1))
+    if flat.numel() > head + body:
+        parts.append(flat[head + body :].to(torch.float64).square().sum().view(1))
+    return torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float64)
 
 
 def _install_true_norm(engine: Any, moe: MoELayers) -> None:

@@ -7,23 +7,62 @@ For every kept (token, logical expert) pair the dispatcher picks one physical sl
   ``(j + ep_rank) mod replica_count[e]``: each replica of a hot expert gets an equal share (+-1), the
   rotation by source rank spreads the remainders, and the choice is deterministic (never random).
 
-Then pairs are sorted by physical slot (= destination rank, then local slot), the per-slot counts are
-exchanged (phase 1, ``no_grad``, one device-to-host sync), the token rows are exchanged with variable
-splits (phase 2, autograd in both directions) and sorted by local slot for the grouped expert GEMM.
-``combine`` undoes all of it and sums ``probs * expert_output`` back into token order. Dispatch returns a
-frozen :class:`DispatchPlan` that ``combine`` consumes; no state is kept on the dispatcher between calls.
+A forward runs in three phases, so the layer can decide between them:
+
+1. :meth:`TokenDispatcher.permute` (local, no host read): pairs sorted by physical slot (= destination
+   rank, then local slot), per-slot counts on the device;
+2. :meth:`TokenDispatcher.exchange_counts`: the per-slot counts and a small status vector of every rank
+   (NaN/inf count, dropped pairs, a bad-input flag) are exchanged with one ``all_to_all_single`` and read
+   on the host once - the one device-to-host sync of the layer; a rank that failed is seen by every EP
+   rank here, before any token moves;
+3. :meth:`TokenDispatcher.exchange_tokens`: the token rows go out with variable splits (autograd in both
+   directions) and are sorted by local slot for the grouped expert GEMM.
+
+``combine`` undoes all of it and sums ``probs * expert_output`` back into token order, running an
+optional computation (the shared expert) while its all-to-all is in flight. Dispatch returns a frozen
+:class:`DispatchPlan` that ``combine`` consumes; no state is kept on the dispatcher between calls.
+Indices are built with ``scatter`` / ``index_select`` on the device (no ``bincount``, ``nonzero`` or
+``repeat_interleave`` without ``output_size``), so nothing else makes the host wait for the device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ep_megatron.parallel.comm import AllToAll, all_to_all
+from ep_megatron.parallel.comm import AllToAll, Pending, all_to_all
 from ep_megatron.placement import ExpertPlacement
+
+STATUS_ERROR, STATUS_DROPPED = 0, 1  # status columns: error code (see TokenDispatcher), dropped pairs
+STATUS_WIDTH = 2
+BAD_INPUT = -1  # error code of a rank whose input failed the layer's checks (any > 0: NaN/inf logits)
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """This rank's pairs in send order (sorted by physical slot), before any communication."""
+
+    token_index: Tensor  # [N] int64 source token of each pair
+    pair_probs: Tensor  # [N] routing weight of each pair (autograd)
+    slot_counts: Tensor  # [ep, slots_per_rank] int64 pairs for each rank's local slots (device)
+
+
+@dataclass(frozen=True)
+class CountExchange:
+    """Phase 1 of the dispatch: who sends how many rows to whom, and every EP rank's status."""
+
+    send_counts: Tensor  # [ep, slots_per_rank] int64 (host) rows this rank sends to rank r's local slot l
+    recv_counts: Tensor  # [ep, slots_per_rank] int64 (host) rows rank r sends to this rank's local slot l
+    recv_counts_device: Tensor  # recv_counts on the tokens' device (index building without a copy)
+    statuses: Tensor  # [ep, STATUS_WIDTH] int64 (host): each EP rank's status vector
+
+    def failed_ranks(self) -> list[int]:
+        """EP ranks whose status holds an error code (bad input or NaN/inf router logits)."""
+        return [r for r, code in enumerate(self.statuses[:, STATUS_ERROR].tolist()) if code != 0]
 
 
 @dataclass(frozen=True)
@@ -37,6 +76,7 @@ class DispatchPlan:
     recv_splits: list[int]  # [ep_size] rows received from each rank
     recv_unsort: Tensor | None  # [M] int64 maps local-slot-sorted rows back to receive order (ep > 1)
     tokens_per_local_slot: list[int]  # [slots_per_rank] rows each local slot computes (sum M)
+    slot_offsets: Tensor  # [slots_per_rank] int64 end row of each local slot's segment (device)
 
 
 @dataclass(frozen=True)
@@ -87,86 +127,106 @@ class TokenDispatcher:
         ``(j + ep_rank) mod count[e]``."""
         num_experts = table.count.numel()
         order = torch.argsort(logical_ids, stable=True)
-        per_expert = torch.bincount(logical_ids, minlength=num_experts)
+        per_expert = torch.zeros(num_experts, dtype=torch.int64, device=logical_ids.device)
+        per_expert.scatter_add_(0, logical_ids, torch.ones_like(logical_ids))
         starts = torch.cumsum(per_expert, 0) - per_expert
-        sorted_ids = logical_ids[order]
-        occurrence = torch.empty_like(logical_ids)  # j: index of a pair among this rank's pairs of its expert
-        occurrence[order] = torch.arange(logical_ids.numel(), device=logical_ids.device) - starts[sorted_ids]
+        position = torch.arange(logical_ids.numel(), device=logical_ids.device)
+        # j: index of a pair among this rank's pairs of its expert, written back to pair order
+        occurrence_sorted = position - starts[logical_ids[order]]
+        occurrence = torch.empty_like(logical_ids).scatter_(0, order, occurrence_sorted)
         candidate = (occurrence + self.ep_rank) % table.count[logical_ids]
         return table.slots[logical_ids, candidate]
 
     # ---- dispatch / combine --------------------------------------------------------------------------
-    def dispatch(self, tokens: Tensor, probs: Tensor, logical_ids: Tensor, keep: Tensor | None,
-                 placement: ExpertPlacement, layer_idx: int) -> tuple[Tensor, DispatchPlan]:
-        """Send pairs to their replicas.
-
-        ``tokens [T, hidden]``, ``probs [T, top_k]``, ``logical_ids [T, top_k]``, ``keep [T, top_k] | None``
-        -> ``(expert_input [M, hidden]`` sorted by local slot, ``plan)``. Raises ``RuntimeError`` on every
-        EP rank when any EP rank called :meth:`fail` for this step.
-        """
+    def permute(self, probs: Tensor, logical_ids: Tensor, keep: Tensor | None, placement: ExpertPlacement,
+                layer_idx: int) -> Permutation:
+        """``probs [T, top_k]``, ``logical_ids [T, top_k]``, ``keep [T, top_k] | None`` -> the kept pairs
+        sorted by physical slot, with per-slot counts. Local; reads nothing on the host (except the
+        ``nonzero`` of capacity mode)."""
         num_tokens, top_k = logical_ids.shape
-        slots_per_rank = placement.slots_per_rank
-        token_of_pair = torch.arange(num_tokens, device=tokens.device).repeat_interleave(top_k)  # [T*k]
+        device = logical_ids.device
+        token_of_pair = torch.arange(num_tokens * top_k, device=device) // top_k  # [T*k]
         flat_ids, flat_probs = logical_ids.reshape(-1), probs.reshape(-1)
         if keep is not None:
             kept = keep.reshape(-1).nonzero().squeeze(1)
             token_of_pair, flat_ids, flat_probs = token_of_pair[kept], flat_ids[kept], flat_probs[kept]
-        slot_ids = self.choose_slots(flat_ids, self.replica_table(placement, layer_idx, tokens.device))
+        slot_ids = self.choose_slots(flat_ids, self.replica_table(placement, layer_idx, device))
         send_order = torch.argsort(slot_ids, stable=True)
-        token_index = token_of_pair[send_order]
-        pair_probs = flat_probs[send_order]
-        slot_counts = torch.bincount(slot_ids, minlength=placement.num_slots)
-        slot_counts = slot_counts.view(self.ep_size, slots_per_rank)  # [ep, slots_per_rank]
-        rows = tokens[token_index]  # [N, hidden], grouped by destination rank, then local slot
+        slot_counts = torch.zeros(placement.num_slots, dtype=torch.int64, device=device)
+        slot_counts.scatter_add_(0, slot_ids, torch.ones_like(slot_ids))
+        return Permutation(token_index=token_of_pair.index_select(0, send_order),
+                           pair_probs=flat_probs.index_select(0, send_order),
+                           slot_counts=slot_counts.view(self.ep_size, placement.slots_per_rank))
+
+    def exchange_counts(self, slot_counts: Tensor, status: Tensor, layer_idx: int) -> CountExchange:
+        """Phase 1: ``slot_counts [ep, slots_per_rank]`` and this rank's ``status [STATUS_WIDTH]`` (int64,
+        same device) -> every rank's counts for this rank and every EP rank's status, read on the host
+        with one device-to-host copy (the layer's one sync). Collective over the EP group when ep > 1."""
+        with torch.no_grad():
+            send = torch.cat([slot_counts, status.view(1, -1).expand(self.ep_size, -1)], dim=1).contiguous()
+            if self.ep_size > 1:
+                ones = [1] * self.ep_size
+                recv = all_to_all(send, ones, ones, self.ep_group, f"MoE layer {layer_idx} count exchange")
+            else:
+                recv = send
+            host_send, host_recv = torch.stack([send, recv]).cpu().unbind(0)  # the one device-to-host sync
+        width = slot_counts.shape[1]
+        return CountExchange(send_counts=host_send[:, :width], recv_counts=host_recv[:, :width],
+                             recv_counts_device=recv[:, :width], statuses=host_recv[:, width:])
+
+    def exchange_tokens(self, tokens: Tensor, permutation: Permutation,
+                        counts: CountExchange) -> tuple[Tensor, DispatchPlan]:
+        """Phase 2: ``tokens [T, hidden]`` -> ``(expert_input [M, hidden]`` sorted by local slot, ``plan)``.
+        Collective over the EP group when ep > 1; call only when no EP rank failed in phase 1."""
+        rows = tokens.index_select(0, permutation.token_index)  # [N, hidden], by destination rank, local slot
+        num_tokens = tokens.shape[0]
+        send_splits = counts.send_counts.sum(1).tolist()
         if self.ep_size == 1:
-            plan = DispatchPlan(num_tokens, token_index, pair_probs, [rows.shape[0]], [rows.shape[0]], None,
-                                slot_counts[0].tolist())
+            plan = DispatchPlan(num_tokens, permutation.token_index, permutation.pair_probs, send_splits,
+                                send_splits, None, counts.send_counts[0].tolist(),
+                                permutation.slot_counts[0].cumsum(0))
             return rows, plan
-        send_counts, recv_counts = self._exchange_counts(slot_counts, failed=False, layer_idx=layer_idx)
-        send_splits = send_counts.sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        recv_splits = counts.recv_counts.sum(1).tolist()
         # [M, hidden], grouped by source rank, then local slot
         received = AllToAll.apply(rows, send_splits, recv_splits, self.ep_group)
+        slots_per_rank = counts.recv_counts.shape[1]
+        recv_device = counts.recv_counts_device
         local_slot_of_row = torch.arange(slots_per_rank, device=tokens.device).repeat(self.ep_size)
-        local_slot_of_row = local_slot_of_row.repeat_interleave(recv_counts.to(tokens.device).flatten())
+        local_slot_of_row = local_slot_of_row.repeat_interleave(recv_device.flatten(),
+                                                                output_size=received.shape[0])
         recv_sort = torch.argsort(local_slot_of_row, stable=True)
-        recv_unsort = torch.empty_like(recv_sort)
-        recv_unsort[recv_sort] = torch.arange(recv_sort.numel(), device=recv_sort.device)
-        plan = DispatchPlan(num_tokens, token_index, pair_probs, send_splits, recv_splits, recv_unsort,
-                            recv_counts.sum(0).tolist())
-        return received[recv_sort], plan
+        positions = torch.arange(recv_sort.numel(), device=recv_sort.device)
+        recv_unsort = torch.empty_like(recv_sort).scatter_(0, recv_sort, positions)
+        plan = DispatchPlan(num_tokens, permutation.token_index, permutation.pair_probs, send_splits,
+                            recv_splits, recv_unsort, counts.recv_counts.sum(0).tolist(),
+                            recv_device.sum(0).cumsum(0))
+        return received.index_select(0, recv_sort), plan
 
-    def combine(self, expert_output: Tensor, plan: DispatchPlan) -> Tensor:
-        """``expert_output [M, hidden]`` (local-slot order) -> ``[T, hidden]`` weighted sum per token."""
-        rows = expert_output
+    def combine(self, expert_output: Tensor, plan: DispatchPlan,
+                overlap: Callable[[], Tensor] | None = None) -> Tensor:
+        """``expert_output [M, hidden]`` (local-slot order) -> ``[T, hidden]`` weighted sum per token, plus
+        ``overlap()`` (``[T, hidden]``, e.g. the shared expert), computed while the all-to-all is in
+        flight."""
+        rows, extra = expert_output, None
         if plan.recv_unsort is not None:
-            rows = AllToAll.apply(rows[plan.recv_unsort], plan.recv_splits, plan.send_splits, self.ep_group)
+            pending = Pending()
+            rows = AllToAll.apply(rows.index_select(0, plan.recv_unsort), plan.recv_splits, plan.send_splits,
+                                  self.ep_group, pending)
+            extra = overlap() if overlap is not None else None
+            pending.wait()
+        elif overlap is not None:
+            extra = overlap()
         weighted = rows * plan.pair_probs.to(rows.dtype).unsqueeze(1)  # [N, hidden]
-        out = weighted.new_zeros(plan.num_tokens, weighted.shape[1])
-        return out.index_add(0, plan.token_index, weighted)
+        out = weighted.new_zeros(plan.num_tokens, weighted.shape[1]).index_add(0, plan.token_index, weighted)
+        return out if extra is None else out + extra
 
-    def fail(self, error: Exception, num_slots: int) -> None:
-        """Raise ``error`` here and a ``RuntimeError`` on the other EP ranks, which learn it from the
-        count exchange they are in (the first collective of a step), so no rank hangs."""
+    def fail(self, error: Exception, slots_per_rank: int, device: torch.device) -> None:
+        """Raise ``error`` here and a ``RuntimeError`` on the other EP ranks, which learn it from the count
+        exchange they are in (the first collective of a layer forward), so no rank hangs. ``device`` is the
+        layer's device: the same collective as the normal path, on the same device."""
         if self.ep_size > 1:
-            slot_counts = torch.zeros(self.ep_size, num_slots // self.ep_size, dtype=torch.int64)
-            self._exchange_counts(slot_counts, failed=True, layer_idx=-1)
+            slot_counts = torch.zeros(self.ep_size, slots_per_rank, dtype=torch.int64, device=device)
+            status = torch.zeros(STATUS_WIDTH, dtype=torch.int64, device=device)
+            status[STATUS_ERROR] = BAD_INPUT
+            self.exchange_counts(slot_counts, status, layer_idx=-1)
         raise error
-
-    def _exchange_counts(self, slot_counts: Tensor, failed: bool, layer_idx: int) -> tuple[Tensor, Tensor]:
-        """Phase 1: ``slot_counts [ep, slots_per_rank]`` (rows this rank sends to each rank's slots) ->
-        ``(send_counts, recv_counts)``, both ``[ep, slots_per_rank]`` on CPU; ``recv_counts[r, l]`` rows
-        come from rank ``r`` for local slot ``l``. A flag column carries failures to every EP rank."""
-        with torch.no_grad():
-            flag = torch.full((self.ep_size, 1), int(failed), dtype=torch.int64, device=slot_counts.device)
-            send = torch.cat([slot_counts.to(torch.int64), flag], dim=1).contiguous()
-            ones = [1] * self.ep_size
-            recv = all_to_all(send, ones, ones, self.ep_group, f"MoE layer {layer_idx} count exchange")
-            send, recv = torch.stack([send, recv]).cpu().unbind(0)  # the one device-to-host sync
-        failed_ranks = recv[:, -1].nonzero().flatten().tolist()
-        if failed_ranks and not failed:
-            raise RuntimeError(
-                f"MoE layer {layer_idx}: expert-parallel rank(s) {failed_ranks} got bad input this step "
-                "(see their error); all ranks of the expert-parallel group stop before the token exchange"
-            )
-        return send[:, :-1], recv[:, :-1]

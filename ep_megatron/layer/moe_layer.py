@@ -5,21 +5,47 @@ contract. The four sharding strategies are only different :class:`ExpertPlacemen
 same layer; with dropless routing the output and every logical expert's summed gradient do not depend on
 the placement (capacity mode drops per logical expert on each rank's own tokens, so it does not depend
 on the placement either, but the tokens it drops do depend on how tokens are split over ranks).
+
+A dropless forward reads the device once on the host (the dispatcher's count exchange, which also
+carries the NaN/inf check and the dropped-pair count) and its backward not at all. Under activation
+checkpointing the model marks recomputed forwards with :func:`recomputing`; they skip the bookkeeping
+(load counts, aux-loss values, row counts), so nothing is counted twice.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from ep_megatron.config import MoEConfig
-from ep_megatron.layer.dispatcher import TokenDispatcher
+from ep_megatron.layer.dispatcher import STATUS_DROPPED, STATUS_ERROR, CountExchange, TokenDispatcher
 from ep_megatron.layer.experts import GroupedExperts, expert_activation
-from ep_megatron.layer.router import TopKRouter, check_logits
+from ep_megatron.layer.router import TopKRouter, count_nonfinite, nonfinite_error
 from ep_megatron.parallel import ParallelGroups
 from ep_megatron.placement import ExpertPlacement
 
 _ROUTER_STREAM, _SHARED_STREAM, _EXPERT_STREAM = 0, 1, 2
+_RECOMPUTE = threading.local()
+
+
+@contextmanager
+def recomputing() -> Iterator[None]:
+    """Forwards run inside are recomputations (activation checkpointing): MoE layers skip their
+    bookkeeping. Thread-local: the autograd thread that recomputes sets it itself."""
+    previous = getattr(_RECOMPUTE, "active", False)
+    _RECOMPUTE.active = True
+    try:
+        yield
+    finally:
+        _RECOMPUTE.active = previous
+
+
+def is_recomputing() -> bool:
+    return getattr(_RECOMPUTE, "active", False)
 
 
 def init_generator(seed: int, layer_idx: int, stream: int) -> torch.Generator:
@@ -107,25 +133,41 @@ class MoELayer(nn.Module):
         """
         error = self._input_error(hidden)
         if error is not None:
-            self.dispatcher.fail(error, self.placement.num_slots)
+            self.dispatcher.fail(error, self.placement.slots_per_rank, self.router.weight.device)
+        record = not is_recomputing()
         tokens = hidden.reshape(-1, self.config.hidden_size)  # [T, hidden]
         logits = self.router.logits(tokens)  # [T, E]
-        logits_error = check_logits(logits)
-        if logits_error is not None:
-            self.dispatcher.fail(RuntimeError(f"MoE layer {self.layer_idx}: {logits_error}"),
-                                 self.placement.num_slots)
         seq_length = hidden.shape[0] if hidden.dim() == 3 else tokens.shape[0]
-        routing = self.router.route(logits, seq_length)
-        self.last_dropped_tokens = routing.num_dropped
-        expert_input, plan = self.dispatcher.dispatch(
-            tokens, routing.probs, routing.logical_ids, routing.keep, self.placement, self.layer_idx
-        )
-        self.last_expert_rows = expert_input.shape[0]
-        expert_output = self.experts(expert_input, plan.tokens_per_local_slot)
-        output = self.dispatcher.combine(expert_output, plan)  # [T, hidden]
-        if self.shared_experts is not None:
-            output = output + self.shared_experts(tokens)
+        routing = self.router.route(logits, seq_length, record)
+        permutation = self.dispatcher.permute(routing.probs, routing.logical_ids, routing.keep,
+                                              self.placement, self.layer_idx)
+        dropped = routing.num_dropped
+        if dropped is None:
+            dropped = torch.zeros((), dtype=torch.int64, device=logits.device)
+        status = torch.stack([count_nonfinite(logits), dropped])  # [STATUS_WIDTH]
+        counts = self.dispatcher.exchange_counts(permutation.slot_counts, status, self.layer_idx)
+        self._raise_on_failure(counts, logits.numel())
+        expert_input, plan = self.dispatcher.exchange_tokens(tokens, permutation, counts)
+        if record:
+            self.last_dropped_tokens = int(counts.statuses[self.groups.ep_rank, STATUS_DROPPED])
+            self.last_expert_rows = expert_input.shape[0]
+        expert_output = self.experts(expert_input, plan.tokens_per_local_slot, plan.slot_offsets)
+        shared = None if self.shared_experts is None else (lambda: self.shared_experts(tokens))
+        output = self.dispatcher.combine(expert_output, plan, overlap=shared)  # [T, hidden]
         return output.view(hidden.shape), None
+
+    def _raise_on_failure(self, counts: CountExchange, num_logits: int) -> None:
+        """After the count exchange: this rank's NaN/inf error, or the other EP ranks' failure."""
+        own_code = int(counts.statuses[self.groups.ep_rank, STATUS_ERROR])
+        own_error = nonfinite_error(max(own_code, 0), num_logits)
+        if own_error is not None:
+            raise RuntimeError(f"MoE layer {self.layer_idx}: {own_error}")
+        failed = counts.failed_ranks()
+        if failed:
+            raise RuntimeError(
+                f"MoE layer {self.layer_idx}: expert-parallel rank(s) {failed} got bad input this step (see "
+                "their error); all ranks of the expert-parallel group stop before the token exchange"
+            )
 
     def _input_error(self, hidden: Tensor) -> Exception | None:
         if hidden.dim() not in (2, 3):
@@ -151,8 +193,8 @@ class MoELayer(nn.Module):
         self.router.update_expert_bias(self.groups.dp_group)
 
     @property
-    def last_aux_losses(self) -> dict[str, float]:
-        """Aux / seq-aux / z-loss values of the last forward (already in the gradient), for logging."""
+    def last_aux_losses(self) -> dict[str, Tensor]:
+        """Aux / seq-aux / z-loss values ``[]`` of the last forward (already in the gradient), detached."""
         return self.router.last_aux_losses
 
 

@@ -183,9 +183,10 @@ class MoELayers:
     def take_loads(self) -> Tensor:
         """``[L, E]`` int64 (token, logical expert) pairs this rank routed since the last call; resets.
 
-        Call once per optimizer step and hand the result to everything that needs it.
+        Call once per optimizer step and hand the result to everything that needs it. On the host (one
+        device-to-host copy for all layers).
         """
-        return torch.stack([layer.take_load().detach().to("cpu", torch.int64) for layer in self.layers])
+        return torch.stack([layer.take_load().detach().to(torch.int64) for layer in self.layers]).to("cpu")
 
     def update_expert_bias(self) -> None:
         """Once per optimizer step on every rank: the aux-loss-free bias update of every layer."""
@@ -201,10 +202,12 @@ class MoELayers:
         """``[L]`` rows this rank's experts computed in each layer's last forward."""
         return [layer.last_expert_rows for layer in self.layers]
 
-    def aux_losses(self) -> dict[str, float]:
-        """Each aux loss of the last forward, averaged over the layers that have it."""
-        total: dict[str, float] = {}
+    def aux_losses(self) -> dict[str, Tensor]:
+        """Each aux loss of the last forward (``[]``, detached, on the device) summed over the layers and
+        divided by their number. Read them on the host once per step, not per micro-batch."""
+        total: dict[str, Tensor] = {}
         for layer in self.layers:
             for name, value in layer.last_aux_losses.items():
-                total[name] = total.get(name, 0.0) + value / len(self.layers)
+                share = value / len(self.layers)
+                total[name] = total[name] + share if name in total else share
         return total

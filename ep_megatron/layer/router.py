@@ -5,6 +5,9 @@ losses are computed on this rank's tokens (Megatron reduces token counts over it
 micro-batch; with TP = CP = 1 that group is the rank itself) and attached to the routing probabilities
 with :class:`AuxLossAutoScaler`, so their gradient reaches the router weight during ``backward`` without
 the caller adding them to the loss (Megatron-Core's ``MoEAuxLossAutoScaler`` pattern).
+
+Nothing here reads a device value on the host: load counts are accumulated with ``scatter_add_`` (not
+``bincount``), aux-loss values are kept as detached tensors, the number of dropped pairs stays a tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ep_megatron.config import MoEConfig
+from ep_megatron.parallel.comm import all_reduce
 
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -43,7 +47,7 @@ class RoutingResult:
     probs: Tensor  # [T, top_k] weight of each (token, chosen expert), router dtype, aux losses attached
     logical_ids: Tensor  # [T, top_k] int64 chosen logical experts
     keep: Tensor | None  # [T, top_k] bool pairs within capacity; None when dropless
-    num_dropped: int  # (token, expert) pairs dropped by capacity (0 when dropless)
+    num_dropped: Tensor | None  # [] int64 (token, expert) pairs dropped by capacity; None when dropless
 
 
 class TopKRouter(nn.Module):
@@ -62,7 +66,7 @@ class TopKRouter(nn.Module):
         # (token, logical expert) pairs routed in training mode since the last take_load / bias update.
         self.register_buffer("load_since_take", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
         self.register_buffer("load_since_bias", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
-        self.last_aux_losses: dict[str, float] = {}
+        self.last_aux_losses: dict[str, Tensor] = {}  # [] detached values of the last forward's aux losses
         # Gradient of each aux loss: the main loss's scale, e.g. 1 / micro-batches (set by MoELayers).
         self.aux_loss_scale = 1.0
 
@@ -72,10 +76,12 @@ class TopKRouter(nn.Module):
         dtype = _ROUTER_DTYPES.get(self.config.router_dtype or "", tokens.dtype)
         return F.linear(tokens.to(dtype), self.weight.to(dtype))
 
-    def route(self, logits: Tensor, seq_length: int) -> RoutingResult:
+    def route(self, logits: Tensor, seq_length: int, record: bool = True) -> RoutingResult:
         """``logits [T, E]`` (token ``t`` is position ``t // (T / seq_length)`` of its sequence) -> routing.
 
         ``seq_length`` only matters for ``seq_aux_loss`` (tokens are ``[seq, batch]`` flattened).
+        ``record=False`` (a recomputation under activation checkpointing) leaves the load counters and
+        ``last_aux_losses`` alone, so a recomputed forward is not counted twice.
         """
         cfg = self.config
         scores, selection_scores = _scores(logits, cfg)
@@ -84,27 +90,30 @@ class TopKRouter(nn.Module):
             selection_scores = selection_scores + bias
         logical_ids = _topk(selection_scores.detach(), cfg)  # [T, top_k]
         probs = _probs(scores, logical_ids, cfg)
-        probs = self._attach_aux_losses(probs, logits, logical_ids, seq_length)
-        if self.training:  # evaluation forwards must not steer the bias or the rebalancer
+        probs = self._attach_aux_losses(probs, logits, logical_ids, seq_length, record)
+        if self.training and record:  # evaluation forwards must not steer the bias or the rebalancer
             with torch.no_grad():
-                counts = torch.bincount(logical_ids.flatten(), minlength=cfg.num_experts)
-                self.load_since_take += counts
-                self.load_since_bias += counts
+                flat_ids = logical_ids.flatten()
+                ones = torch.ones_like(flat_ids)
+                self.load_since_take.scatter_add_(0, flat_ids, ones)
+                self.load_since_bias.scatter_add_(0, flat_ids, ones)
         keep, num_dropped = _apply_capacity(probs.detach(), logical_ids, cfg)
         return RoutingResult(probs=probs, logical_ids=logical_ids, keep=keep, num_dropped=num_dropped)
 
     def _attach_aux_losses(self, probs: Tensor, logits: Tensor, logical_ids: Tensor,
-                           seq_length: int) -> Tensor:
+                           seq_length: int, record: bool) -> Tensor:
         cfg = self.config
         losses: dict[str, Tensor] = {}
         if logits.shape[0] == 0:
-            self.last_aux_losses = {}
+            if record:
+                self.last_aux_losses = {}
             return probs
         if cfg.load_balancing_type != "none" and cfg.aux_loss_coeff > 0 and self.training:
             losses[cfg.load_balancing_type] = load_balancing_loss(logits, logical_ids, cfg, seq_length)
         if cfg.z_loss_coeff > 0 and self.training:
             losses["z_loss"] = z_loss(logits, cfg.z_loss_coeff)
-        self.last_aux_losses = {name: float(loss.detach()) for name, loss in losses.items()}
+        if record:
+            self.last_aux_losses = {name: loss.detach() for name, loss in losses.items()}
         for loss in losses.values():
             probs = AuxLossAutoScaler.apply(probs, loss, self.aux_loss_scale)
         return probs
@@ -127,7 +136,7 @@ class TopKRouter(nn.Module):
             return
         load = self.load_since_bias.to(torch.float64)
         if dp_group is not None:
-            dist.all_reduce(load, group=dp_group)
+            all_reduce(load, dp_group, "expert-bias load")
         offset = load.mean() - load
         step = torch.sign(offset).to(self.expert_bias.dtype) * self.config.expert_bias_update_rate
         self.expert_bias += step
@@ -177,12 +186,14 @@ def _probs(scores: Tensor, logical_ids: Tensor, cfg: MoEConfig) -> Tensor:
     return probs * cfg.topk_scaling_factor if cfg.topk_scaling_factor != 1.0 else probs
 
 
-def _apply_capacity(probs: Tensor, logical_ids: Tensor, cfg: MoEConfig) -> tuple[Tensor | None, int]:
-    """``keep [T, top_k]`` bool: per logical expert, the ``capacity`` pairs kept by ``drop_policy``."""
+def _apply_capacity(probs: Tensor, logical_ids: Tensor,
+                    cfg: MoEConfig) -> tuple[Tensor | None, Tensor | None]:
+    """``keep [T, top_k]`` bool: per logical expert, the ``capacity`` pairs kept by ``drop_policy``; and
+    the number of dropped pairs (``[]`` int64 tensor). ``(None, None)`` when dropless."""
     num_tokens = logical_ids.shape[0]
     capacity = cfg.capacity(num_tokens)
     if capacity is None:
-        return None, 0
+        return None, None
     dense_probs = torch.zeros(num_tokens, cfg.num_experts, dtype=probs.dtype, device=probs.device)
     dense_probs.scatter_(1, logical_ids, probs)  # [T, E]
     routed = torch.zeros_like(dense_probs, dtype=torch.bool).scatter_(1, logical_ids, True)
@@ -193,7 +204,7 @@ def _apply_capacity(probs: Tensor, logical_ids: Tensor, cfg: MoEConfig) -> tuple
     else:  # position: the first `capacity` routed tokens of each expert, in token order
         keep_dense = routed & (torch.cumsum(routed, dim=0) <= capacity)
     keep = keep_dense.gather(1, logical_ids)
-    return keep, int((~keep).sum())
+    return keep, (~keep).sum()
 
 
 def load_balancing_loss(logits: Tensor, logical_ids: Tensor, cfg: MoEConfig, seq_length: int) -> Tensor:
@@ -226,8 +237,13 @@ def z_loss(logits: Tensor, coeff: float) -> Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean() * coeff
 
 
-def check_logits(logits: Tensor) -> str | None:
-    """An error message when ``logits`` holds NaN or inf, else ``None`` (no collective)."""
-    if bool(torch.isfinite(logits).all()):
+def count_nonfinite(logits: Tensor) -> Tensor:
+    """``[]`` int64: NaN/inf entries of ``logits`` (stays on the device; read with the count exchange)."""
+    return (~torch.isfinite(logits)).sum()
+
+
+def nonfinite_error(num_nonfinite: int, numel: int) -> str | None:
+    """The error message for ``num_nonfinite`` NaN/inf router logits out of ``numel``, else ``None``."""
+    if num_nonfinite == 0:
         return None
-    return f"router logits contain NaN/inf ({int((~torch.isfinite(logits)).sum())} of {logits.numel()})"
+    return f"router logits contain NaN/inf ({num_nonfinite} of {numel})"

@@ -2,32 +2,42 @@
 
 After ``backward`` a replica's gradient holds only the tokens it served. The true gradient of logical
 expert ``e`` is the sum over all its replicas (on every EP rank) and all expert-data-parallel (EDP)
-ranks, times ``grad_scale``. With the fixed EP and EDP groups of :class:`ParallelGroups`:
+ranks, times ``grad_scale``. With the fixed EP and EDP groups of :class:`ParallelGroups`, layer by layer
+and in place in each expert parameter's gradient ``[local_slots, ...]``:
 
-1. each rank sums its local replicas of ``e`` (ascending local slot) into one partial row;
-2. non-owner ranks send their partial rows to the owner's rank (one ``all_to_all_single`` over EP);
-3. the owner sums the partials by source EP rank, ascending (its own at its rank position);
-4. the owners' sums are all-reduced over EDP and scaled by ``grad_scale``;
-5. owners send the result back to every rank holding a replica (a second ``all_to_all_single``),
-   and every local slot of ``e`` is overwritten with the same bytes.
+1. each rank adds its other local replicas of ``e`` into ``e``'s *lead* slot (its lowest local slot),
+   in ascending slot order;
+2. non-owner ranks send their lead rows to the owner's rank (one ``all_to_all_single`` over EP per
+   parameter; only the sent rows are copied);
+3. the owner adds them into its lead row, source EP rank by source EP rank, ascending (deterministic);
+4. the owned lead rows are all-reduced over EDP and scaled by ``grad_scale`` (in place, with nothing
+   copied, when every local slot owns its expert, as in the ``model`` placement);
+5. owners send the result back to every rank holding a replica (a second ``all_to_all_single``), which
+   overwrites its lead row and then its other local copies with the same bytes.
 
-A *row* of ``e`` is the concatenation of all expert parameters' ``[local_slot]`` slices. Splits follow
-from the placement alone (no counts are exchanged); all layers share one pair of ``all_to_all_single``
-and one EDP all-reduce per call, and a phase in which no rank sends anything is skipped.
+Splits follow from the placement alone (no counts are exchanged), and a phase in which no rank sends
+anything is skipped. Memory: one parameter's sent and received rows (both phases share these two
+buffers), or its owned rows, on top of the gradients - less than one layer's expert gradients; nothing
+for ``model`` (and only an in-place all-reduce with EDP).
+
+:class:`ExpertGradSync` can run the sync of each layer from backward hooks, as soon as that layer's
+expert gradients are complete (:meth:`ExpertGradSync.arm` before the last backward of a step), on a side
+CUDA stream so the transfers overlap the rest of the backward; :meth:`ExpertGradSync.sync_grads` then
+syncs what the hooks did not and waits. The arithmetic is the same either way: every replica ends with
+the same bytes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ep_megatron.parallel.comm import exchange
+from ep_megatron.parallel.comm import all_reduce, all_to_all
 from ep_megatron.parallel.groups import ParallelGroups
 from ep_megatron.placement import ExpertPlacement
 
@@ -53,22 +63,31 @@ class SyncStats:
     ep_bytes: int  # both all_to_all_single phases over the EP group
     edp_bytes: int  # ring all-reduce estimate over EDP: 2 (n - 1) / n * bytes of the owned rows
 
+    @classmethod
+    def of_layers(cls, per_layer: Sequence[tuple[int, int]]) -> SyncStats:
+        """From ``(ep_bytes, edp_bytes)`` per layer."""
+        ep, edp = sum(b for b, _ in per_layer), sum(b for _, b in per_layer)
+        return cls(bytes_sent=ep + edp, layer_bytes=tuple(a + b for a, b in per_layer), ep_bytes=ep,
+                   edp_bytes=edp)
+
 
 @dataclass(frozen=True)
 class _LayerPlan:
     """Index maps of one layer on one EP rank, derived from the placement alone.
 
-    Positions index this rank's *held* logical experts (ascending ids, ``H`` of them) or its *owned*
-    ones (ascending ids, ``O`` of them). ``traffic`` is on CPU, the index tensors on the grads' device.
+    Index tensors are local slots on the grads' device; splits and ``traffic`` are on the host. Rows sent
+    to an owner and received by it are ordered by (peer EP rank, logical id) on both sides.
     """
 
-    slot_held_pos: Tensor  # [S] held position of each local slot's logical expert
-    copies: tuple[tuple[Tensor, Tensor], ...]  # k-th local replicas: (local slots, held positions)
-    own_pos: Tensor  # [O] held positions of the owned experts
-    send_pos: tuple[Tensor, ...]  # per EP rank q: held positions sent to owner q (received back later)
-    recv_pos: tuple[Tensor, ...]  # per EP rank q: owned positions received from q (sent back later)
-    num_held: int  # H
-    traffic: Tensor  # [ep, ep] rows sent in phase 1 from src to dst; phase 2 is the transpose
+    copies: tuple[tuple[Tensor, Tensor], ...]  # k-th local replicas, k >= 1: (local slots, their lead slots)
+    send_slots: Tensor  # [Ns] lead slots of held, not owned experts, by owner rank
+    send_splits: list[int]  # [ep] rows sent to each owner rank in phase 1 (received back in phase 2)
+    recv_slots: tuple[Tensor, ...]  # per source EP rank q: lead slots its rows add into (phase 1)
+    recv_all: Tensor  # [Nr] recv_slots concatenated: the rows sent back in phase 2
+    recv_splits: list[int]  # [ep] rows received from each rank in phase 1 (sent back in phase 2)
+    owned_slots: Tensor  # [O] lead slots of the owned experts (ascending logical id)
+    all_owned: bool  # every local slot is the lead of an expert this rank owns: EDP reduce in place
+    traffic: Tensor  # [ep, ep] rows sent in phase 1 from src to dst (host); phase 2 is the transpose
 
 
 def _layer_plan(placement: ExpertPlacement, layer_idx: int, ep_rank: int, device: torch.device) -> _LayerPlan:
@@ -81,28 +100,29 @@ def _layer_plan(placement: ExpertPlacement, layer_idx: int, ep_rank: int, device
     sends = held.unsqueeze(1) & owns.unsqueeze(0)  # [src, dst, E]
     sends &= ~torch.eye(ep_size, dtype=torch.bool).unsqueeze(-1)
 
-    held_ids = held[ep_rank].nonzero().flatten()  # [H]
-    owned_ids = owns[ep_rank].nonzero().flatten()  # [O]
-    held_pos = torch.full((num_experts,), -1, dtype=torch.int64)
-    held_pos[held_ids] = torch.arange(len(held_ids))
-    owned_pos = torch.full((num_experts,), -1, dtype=torch.int64)
-    owned_pos[owned_ids] = torch.arange(len(owned_ids))
-
+    # lead[r, e]: lowest local slot of rank r holding e (S where none)
+    slot = torch.arange(slots_per_rank).expand(ep_size, -1)
+    lead = torch.full((ep_size, num_experts), slots_per_rank, dtype=torch.int64)
+    lead = lead.scatter_reduce(1, rank_ids, slot, reduce="amin")
     local_ids = rank_ids[ep_rank]  # [S]
-    slot_held_pos = held_pos[local_ids]
-    # copy_index[s]: how many earlier local slots hold the same logical expert.
-    copy_index = torch.tril(local_ids.unsqueeze(0) == local_ids.unsqueeze(1), -1).sum(1)
+    copy_index = torch.tril(local_ids.unsqueeze(0) == local_ids.unsqueeze(1), -1).sum(1)  # earlier copies
     copies = []
-    for k in range(int(copy_index.max()) + 1):
+    for k in range(1, int(copy_index.max()) + 1):
         slots = (copy_index == k).nonzero().flatten()
-        copies.append((slots.to(device), slot_held_pos[slots].to(device)))
+        copies.append((slots.to(device), lead[ep_rank, local_ids[slots]].to(device)))
+    send_experts = [sends[ep_rank, q].nonzero().flatten() for q in range(ep_size)]
+    recv_experts = [sends[q, ep_rank].nonzero().flatten() for q in range(ep_size)]
+    owned_ids = owns[ep_rank].nonzero().flatten()
+    owned_slots = lead[ep_rank, owned_ids]
     return _LayerPlan(
-        slot_held_pos=slot_held_pos.to(device),
         copies=tuple(copies),
-        own_pos=held_pos[owned_ids].to(device),
-        send_pos=tuple(held_pos[sends[ep_rank, q].nonzero().flatten()].to(device) for q in range(ep_size)),
-        recv_pos=tuple(owned_pos[sends[q, ep_rank].nonzero().flatten()].to(device) for q in range(ep_size)),
-        num_held=len(held_ids),
+        send_slots=lead[ep_rank, torch.cat(send_experts)].to(device),
+        send_splits=[len(ids) for ids in send_experts],
+        recv_slots=tuple(lead[ep_rank, ids].to(device) for ids in recv_experts),
+        recv_all=lead[ep_rank, torch.cat(recv_experts)].to(device),
+        recv_splits=[len(ids) for ids in recv_experts],
+        owned_slots=owned_slots.to(device),
+        all_owned=len(owned_slots) == slots_per_rank,
         traffic=sends.sum(-1),
     )
 
@@ -136,89 +156,61 @@ def _check_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_sca
         raise ValueError(f"all expert grads must share one (dtype, device), found {sorted(map(str, kinds))}")
 
 
-def _pack_rows(grads: Sequence[Tensor]) -> Tensor:
-    """``[local_slots, ...]`` tensors -> ``[local_slots, row]`` rows (row = all parameters' slices)."""
-    return torch.cat([grad.reshape(grad.shape[0], -1) for grad in grads], dim=1)
-
-
-def _unpack_rows(rows: Tensor, grads: Sequence[Tensor]) -> None:
-    """Write ``rows [local_slots, row]`` back into the ``[local_slots, ...]`` tensors."""
-    widths = [grad[0].numel() for grad in grads]
-    for grad, part in zip(grads, rows.split(widths, dim=1)):
-        grad.copy_(part.reshape(grad.shape))
-
-
-def _local_partials(rows: Tensor, plan: _LayerPlan) -> Tensor:
-    """``[S, row] -> [H, row]``: sum of this rank's replicas of each held expert, ascending slot."""
-    partial = rows.new_zeros(plan.num_held, rows.shape[1])
-    for slots, held_pos in plan.copies:
-        partial.index_add_(0, held_pos, rows[slots])
-    return partial
-
-
 def _ring_bytes(numel: int, element_size: int, size: int) -> int:
     return round(2 * (size - 1) / size * numel * element_size) if size > 1 else 0
 
 
+def _sync_tensor(grad: Tensor, plan: _LayerPlan, groups: ParallelGroups, grad_scale: float,
+                 reduce_edp: bool, has_traffic: bool) -> None:
+    """Steps 1-5 for one gradient ``[local_slots, ...]``, in place. The two all-to-alls share their two
+    buffers (phase 2 sends from phase 1's receive buffer and receives into its send buffer)."""
+    ep_rank, ep_group = groups.ep_rank, groups.ep_group
+    for slots, leads in plan.copies:  # 1. local replicas into their lead slot, ascending
+        grad.index_add_(0, leads, grad.index_select(0, slots))
+    sent = received = None
+    if has_traffic:  # 2. + 3. partial sums to the owner, added in source-rank order
+        sent = grad.index_select(0, plan.send_slots)
+        received = all_to_all(sent, plan.send_splits, plan.recv_splits, ep_group, "replica grad sync")
+        start = 0
+        for q, count in enumerate(plan.recv_splits):
+            if q != ep_rank and count:
+                grad.index_add_(0, plan.recv_slots[q], received[start : start + count])
+            start += count
+    edp = reduce_edp and groups.edp_size > 1  # 4. EDP sum and scale of the owned rows
+    if edp and not plan.all_owned:
+        owned = grad.index_select(0, plan.owned_slots)
+        all_reduce(owned, groups.edp_group, "expert-data-parallel grad sum")
+        if grad_scale != 1.0:
+            owned.mul_(grad_scale)
+        grad.index_copy_(0, plan.owned_slots, owned)
+        del owned
+    else:  # in place: rows that are not owned are overwritten below
+        if edp:
+            all_reduce(grad, groups.edp_group, "expert-data-parallel grad sum")
+        if grad_scale != 1.0:
+            grad.mul_(grad_scale)
+    if sent is not None and received is not None:  # 5. the result back to every holder, then its copies
+        torch.index_select(grad, 0, plan.recv_all, out=received)
+        all_to_all(received, plan.recv_splits, plan.send_splits, ep_group, "replica grad sync", out=sent)
+        grad.index_copy_(0, plan.send_slots, sent)
+    for slots, leads in plan.copies:
+        grad.index_copy_(0, slots, grad.index_select(0, leads))
+
+
 @torch.no_grad()
-def _sync(layers: Sequence[LayerGrads], plans: Sequence[_LayerPlan], groups: ParallelGroups,
-          grad_scale: float, reduce_edp: bool = True) -> SyncStats:
-    if not layers:
-        return SyncStats(bytes_sent=0, layer_bytes=(), ep_bytes=0, edp_bytes=0)
-    ep_rank, ep_size = groups.ep_rank, groups.ep_size
-    rows = [_pack_rows(item.grads) for item in layers]  # [S, row_l]
-    widths = [r.shape[1] for r in rows]
-    partials = [_local_partials(r, plan) for r, plan in zip(rows, plans)]  # [H_l, row_l]
-    has_traffic = any(int(plan.traffic.sum()) > 0 for plan in plans)  # same answer on every rank
-
-    # Phase 1: non-owners send their partial rows to the owner's rank.
-    received: list[list[Tensor]] = [[rows[0].new_empty(0)] * len(layers) for _ in range(ep_size)]
-    if has_traffic:
-        pieces = [[p[plan.send_pos[q]].flatten() for p, plan in zip(partials, plans)] for q in range(ep_size)]
-        recv_numels = [[len(plan.recv_pos[q]) * w for plan, w in zip(plans, widths)] for q in range(ep_size)]
-        received = exchange(pieces, recv_numels, groups.ep_group, rows[0], "replica grad sync")
-
-    # Owner sums in fixed source-rank order; then EDP sum and scale.
-    owned = []
-    for i, (partial, plan, width) in enumerate(zip(partials, plans, widths)):
-        total = partial.new_zeros(len(plan.own_pos), width)  # [O, row]
-        for q in range(ep_size):
-            if q == ep_rank:
-                total += partial[plan.own_pos]
-            elif len(plan.recv_pos[q]):
-                total.index_add_(0, plan.recv_pos[q], received[q][i].view(-1, width))
-        owned.append(total)
-    flat_owned = torch.cat([t.flatten() for t in owned])
-    if reduce_edp and groups.edp_size > 1:
-        dist.all_reduce(flat_owned, group=groups.edp_group)
-    flat_owned.mul_(grad_scale)
-    owned = [t.view(-1, w) for t, w in zip(flat_owned.split([t.numel() for t in owned]), widths)]
-
-    # Phase 2: owners send the result to every other rank holding a replica.
-    if has_traffic:
-        pieces = [[t[plan.recv_pos[q]].flatten() for t, plan in zip(owned, plans)] for q in range(ep_size)]
-        recv_numels = [[len(plan.send_pos[q]) * w for plan, w in zip(plans, widths)] for q in range(ep_size)]
-        received = exchange(pieces, recv_numels, groups.ep_group, rows[0], "replica grad sync")
-    for i, (item, plan, width) in enumerate(zip(layers, plans, widths)):
-        final = owned[i].new_empty(plan.num_held, width)  # [H, row]
-        final[plan.own_pos] = owned[i]
-        for q in range(ep_size):
-            if q != ep_rank and len(plan.send_pos[q]):
-                final[plan.send_pos[q]] = received[q][i].view(-1, width)
-        _unpack_rows(final[plan.slot_held_pos], item.grads)
-
-    element_size = rows[0].element_size()
-    layer_ep = [
-        int(plan.traffic[ep_rank].sum() + plan.traffic[:, ep_rank].sum()) * w * element_size
-        for plan, w in zip(plans, widths)
-    ]
-    layer_edp = [_ring_bytes(t.numel(), element_size, groups.edp_size if reduce_edp else 1) for t in owned]
-    return SyncStats(
-        bytes_sent=sum(layer_ep) + sum(layer_edp),
-        layer_bytes=tuple(a + b for a, b in zip(layer_ep, layer_edp)),
-        ep_bytes=sum(layer_ep),
-        edp_bytes=sum(layer_edp),
-    )
+def _sync_layer(item: LayerGrads, plan: _LayerPlan, groups: ParallelGroups, grad_scale: float,
+                reduce_edp: bool) -> tuple[int, int]:
+    """Sync one layer's grads in place; return this rank's ``(ep_bytes, edp_bytes)``."""
+    has_traffic = int(plan.traffic.sum()) > 0  # same answer on every rank
+    for grad in item.grads:
+        _sync_tensor(grad, plan, groups, grad_scale, reduce_edp, has_traffic)
+    ep_rank = groups.ep_rank
+    row_numel = sum(grad[0].numel() for grad in item.grads)
+    element_size = item.grads[0].element_size()
+    ep_rows = int(plan.traffic[ep_rank].sum() + plan.traffic[:, ep_rank].sum())
+    edp_size = groups.edp_size if reduce_edp else 1
+    return (ep_rows * row_numel * element_size,
+            _ring_bytes(len(plan.owned_slots) * row_numel, element_size, edp_size))
 
 
 def layer_plans(layers: Sequence[LayerGrads], ep_rank: int) -> list[_LayerPlan]:
@@ -229,7 +221,7 @@ def layer_plans(layers: Sequence[LayerGrads], ep_rank: int) -> list[_LayerPlan]:
 
 def sync_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_scale: float,
                 reduce_edp: bool = True, plans: Sequence[_LayerPlan] | None = None) -> SyncStats:
-    """Sync the expert gradients of several layers in place with one pair of EP collectives.
+    """Sync the expert gradients of several layers in place, layer by layer.
 
     Every rank must call this with the same placements and layer order. ``reduce_edp=False`` sums over
     replicas only (for a framework that reduces expert grads over the EDP group itself, e.g. DeepSpeed).
@@ -238,7 +230,8 @@ def sync_layers(layers: Sequence[LayerGrads], groups: ParallelGroups, grad_scale
     _check_layers(layers, groups, grad_scale)
     if plans is None:
         plans = layer_plans(layers, groups.ep_rank)
-    return _sync(layers, plans, groups, grad_scale, reduce_edp)
+    return SyncStats.of_layers([_sync_layer(item, plan, groups, grad_scale, reduce_edp)
+                                for item, plan in zip(layers, plans)])
 
 
 def sync_replica_grads(
@@ -249,7 +242,7 @@ def sync_replica_grads(
     return sync_layers([LayerGrads(grads, placement, layer_idx)], groups, grad_scale, reduce_edp).bytes_sent
 
 
-def _expert_grads(moe: MoELayers, layer: object) -> list[Tensor]:
+def _expert_grads(moe: MoELayers, layer: Any) -> list[Tensor]:
     """Gradients of the layer's expert parameters; a missing grad (no tokens) becomes zeros."""
     grads = []
     for param in moe.layer_expert_params(layer):
@@ -265,6 +258,15 @@ class ExpertGradSync:
     Reads the layers and their placement from ``moe`` at every call, so a rebalance needs nothing else;
     index plans are cached per placement object. No process group is created. ``grad_scale`` defaults to
     ``1 / world_size`` (a loss averaged over data-parallel ranks).
+
+    Two ways to use it, with the same result:
+
+    - ``loss.backward(); sync()`` syncs every layer after the backward;
+    - ``sync.arm(); loss.backward(); sync()`` syncs each layer from a hook as soon as its expert
+      gradients are complete (on CUDA on a side stream, overlapping the rest of the backward); ``sync()``
+      then syncs what is left and waits. Arm only before the last backward of a step (with gradient
+      accumulation, the earlier micro-batches must not sync). The hooks rely on every rank running the
+      same backward graph, which the MoE layers guarantee (every expert parameter joins the graph).
     """
 
     def __init__(self, moe: MoELayers, grad_scale: float | None = None) -> None:
@@ -272,23 +274,69 @@ class ExpertGradSync:
         self.grad_scale = 1.0 / moe.groups.world_size if grad_scale is None else float(grad_scale)
         if not math.isfinite(self.grad_scale):
             raise ValueError(f"grad_scale={grad_scale} must be finite")
-        self._plans: tuple[ExpertPlacement, list[_LayerPlan]] | None = None
+        self._plans: tuple[ExpertPlacement, dict[int, _LayerPlan]] | None = None
+        self._armed = False
+        self._arrived: dict[int, int] = {}  # layer position -> expert grads complete in this backward
+        self._done: dict[int, tuple[int, int]] = {}  # layer position -> bytes of its sync
+        self._stream: Any = None  # CUDA side stream of the hook syncs (created on first use)
+        self._handles = []
+        for position, layer in enumerate(moe.layers):
+            for param in moe.layer_expert_params(layer):
+                self._handles.append(param.register_post_accumulate_grad_hook(self._hook(position)))
 
-    def _layer_plans(self, items: Sequence[LayerGrads]) -> list[_LayerPlan]:
+    def _plan(self, layer: Any, device: torch.device) -> _LayerPlan:
         placement = self.moe.placement
         if self._plans is None or self._plans[0] is not placement:
-            device, ep_rank = items[0].grads[0].device, self.moe.groups.ep_rank
-            plans = [_layer_plan(placement, item.layer_idx, ep_rank, device) for item in items]
-            self._plans = (placement, plans)
-        return self._plans[1]
+            self._plans = (placement, {})
+        plans = self._plans[1]
+        if layer.layer_idx not in plans:
+            plans[layer.layer_idx] = _layer_plan(placement, layer.layer_idx, self.moe.groups.ep_rank, device)
+        return plans[layer.layer_idx]
+
+    def _item(self, layer: Any) -> LayerGrads:
+        return LayerGrads(_expert_grads(self.moe, layer), self.moe.placement, layer.layer_idx)
+
+    def arm(self) -> None:
+        """Sync each layer from backward hooks during the next backward (see the class docstring)."""
+        items = [self._item(layer) for layer in self.moe.layers]
+        _check_layers(items, self.moe.groups, self.grad_scale)
+        self._armed, self._arrived, self._done = True, {}, {}
+
+    def _hook(self, position: int) -> Callable[[Tensor], None]:
+        def hook(param: Tensor) -> None:
+            if not self._armed or position in self._done:
+                return
+            self._arrived[position] = self._arrived.get(position, 0) + 1
+            layer = self.moe.layers[position]
+            if self._arrived[position] == len(self.moe.layer_expert_params(layer)):
+                self._done[position] = self._run(layer, overlap=True)
+
+        return hook
+
+    def _run(self, layer: Any, overlap: bool) -> tuple[int, int]:
+        item = self._item(layer)
+        device = item.grads[0].device
+        plan = self._plan(layer, device)
+        if not (overlap and device.type == "cuda"):
+            return _sync_layer(item, plan, self.moe.groups, self.grad_scale, True)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self._stream):
+            return _sync_layer(item, plan, self.moe.groups, self.grad_scale, True)
 
     def sync_grads(self) -> SyncStats:
-        """Sync all expert grads in place; every rank must call this after the same backward."""
+        """Sync all expert grads in place (the layers the hooks have not synced yet, in layer order) and
+        wait for the hooks' transfers; every rank must call this after the same backward."""
         moe = self.moe
-        items = [LayerGrads(_expert_grads(moe, layer), moe.placement, layer.layer_idx)
-                 for layer in moe.layers]
-        _check_layers(items, moe.groups, self.grad_scale)
-        return _sync(items, self._layer_plans(items), moe.groups, self.grad_scale)
+        if not self._armed:
+            _check_layers([self._item(layer) for layer in moe.layers], moe.groups, self.grad_scale)
+        done, self._armed, self._arrived, self._done = self._done, False, {}, {}
+        if self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+        per_layer = [done[i] if i in done else self._run(layer, overlap=False)
+                     for i, layer in enumerate(moe.layers)]
+        return SyncStats.of_layers(per_layer)
 
     __call__ = sync_grads
 
@@ -299,19 +347,21 @@ def expert_grad_norm_sq(moe: MoELayers) -> Tensor:
     """Squared L2 norm (fp32 scalar) of the expert grads, each logical expert counted once.
 
     Call after the sync: only owner slots count, summed over the EP group; EDP ranks hold identical
-    grads and are not summed again. Does not depend on how many replicas an expert has.
+    grads and are not summed again. Does not depend on how many replicas an expert has. Reads nothing
+    on the host (owner slots are weighted, not selected).
     """
     owner_mask = moe.owner_mask()  # [L, S]
     params = [moe.layer_expert_params(layer) for layer in moe.layers]
     device = next((p.device for ps in params for p in ps), torch.device("cpu"))
+    owner_weight = owner_mask.to(torch.float32).to(device)  # [L, S]
     total = torch.zeros((), dtype=torch.float32, device=device)
     for layer, layer_params in zip(moe.layers, params):
-        owner = owner_mask[layer.layer_idx].to(device)  # [S] bool
         for param in layer_params:
             if param.grad is not None:
-                total += param.grad[owner].float().pow(2).sum()
+                per_slot = param.grad.reshape(param.shape[0], -1).float().pow(2).sum(1)  # [S]
+                total += (per_slot * owner_weight[layer.layer_idx]).sum()
     if moe.groups.ep_size > 1:
-        dist.all_reduce(total, group=moe.groups.ep_group)
+        all_reduce(total, moe.groups.ep_group, "expert grad norm")
     return total
 
 

@@ -3,6 +3,9 @@
 Rank layout follows Megatron-Core with tensor/pipeline/context parallel size 1: expert-parallel (EP)
 groups are blocks of consecutive ranks, expert-data-parallel (EDP) groups are strided,
 ``rank = edp_rank * ep_size + ep_rank``. Every rank is a data-parallel rank for the dense parameters.
+Beside these device groups, one gloo group over all ranks (``host_group``, Megatron's ``*_gloo`` groups)
+carries host-side metadata (loss values for logging, load counters, rebalance plans), so no CPU tensor
+ever goes over an NCCL group.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class ParallelGroups:
     ep_group: ProcessGroup | None  # this rank's expert-parallel group
     edp_group: ProcessGroup | None  # ranks holding the same ep_rank (expert-data-parallel)
     dp_group: ProcessGroup | None  # all ranks (dense-parameter data parallelism)
+    host_group: ProcessGroup | None = None  # all ranks over gloo, for CPU tensors (None: single process)
 
     @property
     def edp_size(self) -> int:
@@ -105,9 +109,11 @@ def check_ep_size(ep_size: int, world_size: int) -> None:
 
 
 def build_groups(ep_size: int) -> ParallelGroups:
-    """Create the EP, EDP and DP groups once; every rank must call this in the same order.
+    """Create the EP, EDP and DP groups and the gloo host group once; every rank must call this in the
+    same order.
 
-    Works in a single process without torch.distributed when ``ep_size == 1``.
+    Works in a single process without torch.distributed when ``ep_size == 1``. The host group is a gloo
+    group over all ranks, also when the default backend is gloo (host and device traffic stay apart).
     """
     if not dist.is_initialized():
         check_ep_size(ep_size, 1)
@@ -135,4 +141,5 @@ def build_groups(ep_size: int) -> ParallelGroups:
         ep_group=ep_group,
         edp_group=edp_group,
         dp_group=dist.group.WORLD,
+        host_group=dist.new_group(list(range(world_size)), backend="gloo"),
     )

@@ -107,8 +107,8 @@ def rebalance_experts(
     offset = np.repeat(np.arange(nodes), slots_per_node) * per_node
     phy2log = _take(local2log, local.reshape(num_layers, -1) + offset)
     logcnt = _counts(phy2log, num_experts)
-    return (torch.from_numpy(phy2log), torch.from_numpy(_log2phy(phy2log, logcnt)),
-            torch.from_numpy(logcnt))
+    return (torch.as_tensor(phy2log), torch.as_tensor(_log2phy(phy2log, logcnt)),
+            torch.as_tensor(logcnt))
 
 
 def rank_loads(phy2log: Tensor, weight: Tensor, ep_size: int) -> Tensor:
@@ -120,7 +120,7 @@ def rank_loads(phy2log: Tensor, weight: Tensor, ep_size: int) -> Tensor:
     if ep_size < 1 or phy2log.shape[1] % ep_size:
         raise ValueError(f"ep_size={ep_size} must divide the {phy2log.shape[1]} slots")
     phy2log, weight = phy2log.cpu().long(), weight.detach().cpu().double()
-    counts = torch.from_numpy(_counts(phy2log.numpy(), weight.shape[1]))
+    counts = torch.as_tensor(_counts(phy2log.numpy(), weight.shape[1]))
     per_slot = (weight / counts.clamp(min=1)).gather(1, phy2log)
     return per_slot.view(phy2log.shape[0], ep_size, -1).sum(-1)
 

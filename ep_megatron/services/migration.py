@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ep_megatron.mixed_precision import MixedPrecisionOptimizer
 from ep_megatron.parallel.comm import exchange
 from ep_megatron.placement import Transfer
 
@@ -77,11 +78,38 @@ class TorchOptimizerRows:
         return {id(p) for group in self.optimizer.param_groups for p in group["params"]}
 
 
+class MixedPrecisionRows:
+    """A :class:`~ep_megatron.mixed_precision.MixedPrecisionOptimizer`: each parameter's (bf16) rows, its
+    fp32 master rows and the master's per-element state rows, updated in place."""
+
+    def __init__(self, optimizer: MixedPrecisionOptimizer) -> None:
+        self.optimizer = optimizer
+        self.inner = TorchOptimizerRows(optimizer.optimizer)
+
+    def gather(self, params: list[nn.Parameter]) -> list[Tensor]:
+        tensors: list[Tensor] = []
+        for p in params:
+            master = self.optimizer.master(p)
+            if master is not p:
+                tensors.append(p.data)
+            tensors += self.inner.gather([master])  # the master, then its state
+        return tensors
+
+    def commit(self, params: list[nn.Parameter], tensors: list[Tensor]) -> None:
+        """Nothing to do: rows were rewritten in the live tensors."""
+
+    def managed_params(self) -> set[int] | None:
+        return {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+
+
 def optimizer_rows(optimizer: Any) -> OptimizerRows:
-    """The :class:`OptimizerRows` of ``optimizer``: an adapter passes through, a per-element torch
-    optimizer (or None: weights only) gets :class:`TorchOptimizerRows`; anything else raises."""
+    """The :class:`OptimizerRows` of ``optimizer``: an adapter passes through, a mixed-precision wrapper
+    gets :class:`MixedPrecisionRows`, a per-element torch optimizer (or None: weights only) gets
+    :class:`TorchOptimizerRows`; anything else raises."""
     if isinstance(optimizer, OptimizerRows):
         return optimizer
+    if isinstance(optimizer, MixedPrecisionOptimizer):
+        return MixedPrecisionRows(optimizer)
     if optimizer is None:
         return TorchOptimizerRows(None)
     name = type(optimizer).__name__

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ep_megatron.layer.moe_layers import MoELayers
+from ep_megatron.parallel.comm import host_all_reduce, host_broadcast
 from ep_megatron.placement import ExpertPlacement, Transfer, eplb
 from ep_megatron.services.migration import migrate_rows, optimizer_rows
 
@@ -177,9 +178,8 @@ class Rebalancer:
         self._check_grads_zero()
         old = self.placement
         groups = self.moe.groups
-        counts = torch.stack([self.load_window.sum(0), self.since_rebalance])  # [2, L, E]
-        if groups.dp_group is not None:
-            dist.all_reduce(counts, group=groups.dp_group)
+        counts = torch.stack([self.load_window.sum(0), self.since_rebalance])  # [2, L, E], host
+        host_all_reduce(counts, groups, "rebalance load window")
         window_load, since_load = counts[0].double(), counts[1].double()
         phy2log, planned_before, planned_after = self._plan(old, window_load)
         planned = time.perf_counter()
@@ -216,7 +216,7 @@ class Rebalancer:
         return metrics
 
     def _plan(self, old: ExpertPlacement, window_load: Tensor) -> tuple[Tensor, list[float], list[float]]:
-        """Plan on rank 0 of the data-parallel group, broadcast ``phy2log [L, P]`` to every rank."""
+        """Plan on rank 0 of the data-parallel group, broadcast ``phy2log [L, P]`` (host) to every rank."""
         cfg, ep_size, dp_group = self.config, old.ep_size, self.moe.groups.dp_group
         previous = old.physical_to_logical
         if dp_group is None or dist.get_rank(dp_group) == 0:
@@ -230,8 +230,7 @@ class Rebalancer:
             phy2log = torch.where(keep[:, None], previous, phy2log).contiguous()
         else:
             phy2log = torch.empty_like(previous)
-        if dp_group is not None:
-            dist.broadcast(phy2log, group=dp_group, group_src=0)
+        host_broadcast(phy2log, self.moe.groups, "rebalance plan")
         return (phy2log, _balancedness(previous, window_load, ep_size),
                 _balancedness(phy2log, window_load, ep_size))
 

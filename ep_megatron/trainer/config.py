@@ -35,7 +35,7 @@ class TrainerConfig:
     beta1: float = 0.9  # AdamW beta1, in [0, 1)
     beta2: float = 0.95  # AdamW beta2, in [0, 1)
     grad_clip: float = 1.0  # max global grad norm (each logical expert counted once); 0 disables
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights and optimizer state)
+    precision: str = "fp32"  # "fp32" or "bf16" (bf16 parameters; fp32 masters and optimizer state)
     seed: int = 0  # seeds weights (dense and per logical expert) and data order
     expert_parallel_size: int = 0  # EP size; 0 means all ranks
     eval_interval: int = 100  # steps between validations; 0 validates only at the end

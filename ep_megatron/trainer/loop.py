@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ep_megatron.integrations import deepspeed as ds_glue
 from ep_megatron.layer import MoELayer
 from ep_megatron.layer.moe_layers import MoELayers
+from ep_megatron.mixed_precision import MixedPrecisionOptimizer, to_low_precision
 from ep_megatron.parallel import ParallelGroups, build_groups, init_distributed
+from ep_megatron.parallel.comm import barrier, host_all_reduce
 from ep_megatron.parallel.grad_sync import ExpertGradSync
 from ep_megatron.services.checkpoint import (
     OptimizerLike,
@@ -95,7 +96,7 @@ def _build(config: RunConfig, run_dir: Path) -> _Run:
         grad_sync = None
     else:
         engine, grad_sync = None, ExpertGradSync(moe)
-        optimizer = rows = _adamw(moe.param_groups(config.train.weight_decay), config.train)
+        optimizer = rows = _torch_optimizer(moe, config.train)
     rebalancer = None
     if moe_cfg.sharding_strategy == "dynamic" and config.rebalance.enabled:
         rebalancer = Rebalancer(moe, rows, config.rebalance)
@@ -113,8 +114,7 @@ def _build_data(config: RunConfig, groups: ParallelGroups) -> TokenBatches:
         return build_data(config.data, num_samples)[0]
     if groups.rank == 0:
         data, _ = build_data(config.data)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier(groups.host_group)
     if groups.rank != 0:
         data, _ = build_data(config.data)
     return data
@@ -122,6 +122,15 @@ def _build_data(config: RunConfig, groups: ParallelGroups) -> TokenBatches:
 
 def _adamw(param_groups: list[dict[str, Any]], cfg: TrainerConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _torch_optimizer(moe: MoELayers, cfg: TrainerConfig) -> Any:
+    """AdamW; under bf16 the model's parameters become bf16 and AdamW steps fp32 masters of them."""
+    param_groups = moe.param_groups(cfg.weight_decay)
+    if cfg.precision != "bf16":
+        return _adamw(param_groups, cfg)
+    to_low_precision(moe.model, torch.bfloat16)
+    return MixedPrecisionOptimizer(param_groups, lambda master_groups: _adamw(master_groups, cfg))
 
 
 def _deepspeed_engine(moe: MoELayers, cfg: TrainerConfig) -> Any:
@@ -157,13 +166,12 @@ def _torch_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) -> Ste
     cfg = run.config.train
 
     def forward(inputs: Tensor, targets: Tensor) -> Tensor:
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            return run.model(inputs, targets)[0]
+        return run.model(inputs, targets)[0]  # bf16 parameters under precision bf16: no autocast
 
     def backward(loss: Tensor) -> None:
         (loss / len(micro)).backward()
 
-    loss, rows, aux = forward_backward(run.moe, micro, forward, backward)
+    loss, rows, aux = forward_backward(run.moe, micro, forward, backward, run.grad_sync)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     stats = optimizer_step(run.moe, run.optimizer, run.grad_sync, max_norm=cfg.grad_clip)
@@ -189,16 +197,15 @@ def _deepspeed_step(run: _Run, step: int, micro: list[tuple[Tensor, Tensor]]) ->
 
 
 def _reduce_step(run: _Run, out: StepOutput, load: Tensor, stop: bool) -> tuple[float, Tensor, Tensor, bool]:
-    """One all-reduce per step: mean loss, global ``load [L, E]`` (this rank's routed pairs of the step),
-    rows per rank ``[world, L]``, stop flag."""
+    """One all-reduce per step over the host group: mean loss, global ``load [L, E]`` (this rank's routed
+    pairs of the step), rows per rank ``[world, L]``, stop flag."""
     groups, num_layers = run.groups, len(run.moe)
     load = load.to(torch.float64)
     rows = torch.zeros(groups.world_size, num_layers, dtype=torch.float64)
     rows[groups.rank] = torch.tensor(out.expert_rows, dtype=torch.float64)
     packed = torch.cat([out.loss.cpu().double().view(1), torch.tensor([float(stop)], dtype=torch.float64),
                         load.flatten(), rows.flatten()])
-    if dist.is_initialized():
-        dist.all_reduce(packed, group=groups.dp_group)
+    host_all_reduce(packed, groups, "step metrics")
     mean_loss = float(packed[0]) / groups.world_size
     load = packed[2 : 2 + load.numel()].view_as(load)
     rows = packed[2 + load.numel():].view(groups.world_size, num_layers)
@@ -217,14 +224,15 @@ def evaluate(run: _Run) -> float:
     """Mean validation loss per token over every rank's shard (same batch count on every rank)."""
     run.model.eval()
     cfg, groups = run.config.train, run.groups
-    total = torch.zeros(2, dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    num_targets = 0
     batches = run.data.val_batches(cfg.micro_batch_size, groups.rank, groups.world_size)
     for _, (inputs, targets) in zip(range(cfg.eval_batches), batches):
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss, _ = run.model(inputs.to(run.device), targets.to(run.device))
-        total += torch.tensor([float(loss) * targets.numel(), targets.numel()], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(total, group=groups.dp_group)
+        loss, _ = run.model(inputs.to(run.device), targets.to(run.device))
+        loss_sum += loss.double() * targets.numel()
+        num_targets += targets.numel()
+    total = torch.stack([loss_sum.cpu(), torch.tensor(float(num_targets), dtype=torch.float64)])
+    host_all_reduce(total, groups, "validation loss")
     run.model.train()
     return float(total[0] / total[1])
 
@@ -310,6 +318,8 @@ def _write_run_info(run: _Run, config_path: str) -> None:
     info = {
         "config": str(config_path),
         "world_size": run.groups.world_size,
+        "device": str(run.device),
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else "none",
         "expert_parallel_size": run.groups.ep_size,
         "sharding_strategy": run.moe.config.sharding_strategy,
         "corpus": run.config.data.source,
@@ -400,7 +410,6 @@ def train(config_path: str | Path, overrides: list[str] = (),
         print(f"report: {report}")
         print(f"final validation loss {summary['final_val_loss']:.4f} nats/token; "
               f"{summary['bigram_label']} {summary['bigram_entropy']:.4f} nats/token")
-    if dist.is_initialized():
-        dist.barrier()
+    barrier(run.groups.host_group)
     return summary
 

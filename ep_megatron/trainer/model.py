@@ -9,6 +9,10 @@ Layer ``i`` is an MoE block when ``i % moe_layer_freq == 0`` (Megatron-Core's ``
 with no factory every block has the dense MLP. Dense parameters are initialised from ``config.seed``
 with their own generator (normal, std ``init_std``; residual output projections scaled by
 ``1 / sqrt(2 * num_layers)``), so they are identical on every rank whatever the MoE layers draw.
+
+``activation_checkpointing`` keeps only each block's input during the forward and recomputes the block
+in backward (``torch.utils.checkpoint``, non-reentrant); the recomputation runs under
+:func:`ep_megatron.layer.moe_layer.recomputing`, so MoE layers do not count their load twice.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ep_megatron.layer.moe_layer import recomputing
 
 MoEFactory = Callable[[int], nn.Module]
 
@@ -40,6 +47,7 @@ class GPTConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # std of the normal init of embeddings and linear weights
     seed: int = 0  # seed of the dense-parameter initialisation
+    activation_checkpointing: bool = False  # recompute each block in backward (keeps only block inputs)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "hidden_size", "num_layers", "num_heads"):
@@ -198,9 +206,24 @@ class MoEGPT(nn.Module):
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = self._block(block, x, cos, sin)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return loss, logits
+
+    def _block(self, block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``block(x)``, checkpointed when ``activation_checkpointing`` and gradients are recorded."""
+        if not (self.config.activation_checkpointing and torch.is_grad_enabled()):
+            return block(x, cos, sin)
+        calls = []
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if calls:  # the recomputation in backward
+                with recomputing():
+                    return block(x, cos, sin)
+            calls.append(True)
+            return block(x, cos, sin)
+
+        return checkpoint(run, x, use_reentrant=False)

@@ -24,6 +24,7 @@ from ep_megatron.layer import MoELayer
 from ep_megatron.layer.moe_layers import MoELayers
 from ep_megatron.layer.router import TopKRouter
 from ep_megatron.parallel import ParallelGroups, build_groups
+from ep_megatron.parallel.comm import all_reduce
 from ep_megatron.placement import ExpertPlacement
 
 _OWN_GROUPS: dict[int, ParallelGroups] = {}
@@ -126,9 +127,9 @@ class MegatronTopKRouter(TopKRouter):
                 self._buffers[name] = tensor.to(self._buffers[name].device)
         return result
 
-    def route(self, logits: Tensor, seq_length: int) -> Any:
-        routing = super().route(logits, seq_length)
-        if self.config.enable_expert_bias and self.training and torch.is_grad_enabled():
+    def route(self, logits: Tensor, seq_length: int, record: bool = True) -> Any:
+        routing = super().route(logits, seq_length, record)
+        if self.config.enable_expert_bias and self.training and torch.is_grad_enabled() and record:
             with torch.no_grad():
                 valid = torch.ones_like(routing.logical_ids, dtype=torch.float32)  # [T, top_k]
                 if self.padding_mask is not None:
@@ -139,8 +140,9 @@ class MegatronTopKRouter(TopKRouter):
         return routing
 
     def _attach_aux_losses(self, probs: Tensor, logits: Tensor, logical_ids: Tensor,
-                           seq_length: int) -> Tensor:
-        """Megatron's ``TopKRouter.apply_z_loss`` + ``_apply_aux_loss`` / ``_apply_seq_aux_loss``."""
+                           seq_length: int, record: bool) -> Tensor:
+        """Megatron's ``TopKRouter.apply_z_loss`` + ``_apply_aux_loss`` / ``_apply_seq_aux_loss``; a
+        recomputed forward (``record=False``) attaches the same losses without logging them again."""
         from megatron.core.transformer.moe.moe_utils import (
             compute_routing_scores_for_aux_loss,
             switch_load_balancing_loss_func,
@@ -157,7 +159,8 @@ class MegatronTopKRouter(TopKRouter):
             loss = z_loss_func(logits, coeff, padding_mask=padding)
             num_tokens = (~padding).sum() if padding is not None else logits.shape[0]
             probs = self._attach(probs, loss, num_tokens)
-            self._log("z_loss", loss / coeff, None)
+            if record:
+                self._log("z_loss", loss / coeff, None)
         if cfg.load_balancing_type == "none" or cfg.aux_loss_coeff <= 0:
             return probs
         routing_map, scores = compute_routing_scores_for_aux_loss(logits, cfg.top_k, cfg.score_function,
@@ -169,7 +172,7 @@ class MegatronTopKRouter(TopKRouter):
             topk_counted = cfg.top_k * batch
         tokens_per_expert = routing_map.sum(dim=0)
         if group_size > 1:
-            dist.all_reduce(tokens_per_expert, group=self.tp_cp_group)
+            all_reduce(tokens_per_expert, self.tp_cp_group, "router token counts over TP x CP")
         if padding is not None:
             local_tokens = routing_map.sum() / topk_counted
             total_tokens = tokens_per_expert.sum() / topk_counted
@@ -178,7 +181,8 @@ class MegatronTopKRouter(TopKRouter):
         loss = switch_load_balancing_loss_func(scores, tokens_per_expert, total_tokens, cfg.top_k,
                                                cfg.num_experts, cfg.aux_loss_coeff) / batch
         name = "load_balancing_loss" if cfg.load_balancing_type == "aux_loss" else "seq_load_balancing_loss"
-        self._log(name, loss / cfg.aux_loss_coeff, self.tp_cp_group)
+        if record:
+            self._log(name, loss / cfg.aux_loss_coeff, self.tp_cp_group)
         return self._attach(probs, loss, local_tokens)
 
     def _tp_cp_size(self) -> int:

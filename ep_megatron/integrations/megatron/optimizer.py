@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ep_megatron.layer.moe_layers import MoELayers
-from ep_megatron.parallel.comm import all_gather_object
+from ep_megatron.parallel.comm import all_gather, all_gather_object
 from ep_megatron.services.migration import TorchOptimizerRows
 
 _SUPPORTED = ("FP32Optimizer", "Float16OptimizerWithFloat16Params", "DistributedOptimizer")
@@ -171,15 +170,13 @@ def _gather_full(state: ExpertParamState, names: list[str]) -> list[Tensor]:
     local = inner._get_main_param_and_optimizer_states(p) if state.main is not None else {}
     packed = torch.cat([local[name].detach().reshape(-1).float() for name in names]) if local else \
         torch.zeros(0, device=p.device)
-    size = dist.get_world_size(group)
-    ranges = [torch.zeros(2, dtype=torch.int64, device=p.device) for _ in range(size)]
-    dist.all_gather(ranges, torch.tensor([start, end], dtype=torch.int64, device=p.device), group=group)
+    my_range = torch.tensor([start, end], dtype=torch.int64, device=p.device)
+    ranges = all_gather(my_range, group, "distributed-optimizer shard ranges")
     spans = [tuple(int(v) for v in r.tolist()) for r in ranges]
     longest = max(e - s for s, e in spans) * len(names)
     padded = torch.zeros(longest, device=p.device)
     padded[: packed.numel()] = packed
-    chunks = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(chunks, padded, group=group)
+    chunks = all_gather(padded, group, "distributed-optimizer expert rows")
     full = [torch.zeros(p.numel(), device=p.device) for _ in names]
     covered = 0
     for (s, e), chunk in zip(spans, chunks):

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from ep_megatron.layer.moe_layers import MoELayers
-from ep_megatron.parallel.comm import all_gather_object, broadcast_object, raise_if_any
+from ep_megatron.parallel.comm import all_gather_object, broadcast_object, host_all_reduce, raise_if_any
+from ep_megatron.parallel.groups import ParallelGroups
 from ep_megatron.placement import ExpertPlacement
 from ep_megatron.services.checkpoint.files import (
     FORMAT_VERSION,
@@ -114,15 +114,13 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 # ---- save ------------------------------------------------------------------------------------------
-def _global_counters(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with its per-rank counters summed over all ranks (collective)."""
+def _global_counters(state: dict[str, Any], groups: ParallelGroups) -> dict[str, Any]:
+    """``state`` with its per-rank counters summed over all ranks (collective, over the host group)."""
     state = dict(state)
     for key in REBALANCER_COUNTERS:
         if key in state:
             total = torch.as_tensor(state[key]).detach().to("cpu").clone()
-            if dist.is_initialized():
-                dist.all_reduce(total)
-            state[key] = total
+            state[key] = host_all_reduce(total, groups, f"rebalancer {key}")
     return state
 
 
@@ -157,7 +155,8 @@ def save_checkpoint(root: str | Path, step: int, moe: MoELayers, optimizer: Opti
     rebalancer_tensors: dict[str, torch.Tensor] = {}
     rebalancer_json = None
     if rebalancer is not None:
-        rebalancer_json = _split_tensors(_global_counters(rebalancer.state_dict()), rebalancer_tensors)
+        rebalancer_json = _split_tensors(_global_counters(rebalancer.state_dict(), moe.groups),
+                                         rebalancer_tensors)
 
     tmp = make_tmp_dir(root, step)
     state = _model_save_state(view)
